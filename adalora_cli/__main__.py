@@ -1,0 +1,3 @@
+from adalora_cli.cli import app
+
+app()

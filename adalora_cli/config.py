@@ -1,0 +1,262 @@
+"""RunConfig: every setting of a run, from defaults, a YAML file, `--set key=value` and command-line options.
+
+Precedence, lowest first: the defaults below, `--config FILE`, `--set key=value`, explicit options.
+Keys are flat (`lr`, `epochs`, `budget`...) plus one section per method (`adalora.t_init`) and
+`trainer.<TrainingArguments field>` for anything else the Hugging Face Trainer accepts.
+Unknown keys and values of the wrong type are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adalora_cli.budget import parse_budget
+from adalora_cli.errors import UserError
+
+DEFAULT_MODEL = "microsoft/deberta-v3-base"
+
+
+@dataclass
+class RunConfig:
+    task: str | None = None
+    method: str = "adalora"
+    model: str = DEFAULT_MODEL
+    budget: int | None = None  # adapter parameters at the end of training, head excluded
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float | None = None  # None: the method's default
+    max_seq_length: int | None = None  # None: the task's default
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    logging_steps: int = 10
+    save_steps: int = 500
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # section name -> raw values
+    trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments
+
+    def method_config(self, name: str | None = None):
+        """The typed, validated hyper-parameters of method `name` (default: this run's method)."""
+        from adalora_cli.methods import get_method
+
+        method = get_method(name or self.method)
+        values = self.method_args.get(method.name, {})
+        cfg = build_dataclass(method.config_cls, values, prefix=f"{method.name}.")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from adalora_cli.methods import available_methods
+        from adalora_cli.tasks import get_task
+
+        if not self.task:
+            raise UserError("no task given; pass --task (e.g. --task sst2) or set `task:` in the config file")
+        get_task(self.task)
+        for section in self.method_args:
+            if section not in available_methods():
+                raise UserError(f"unknown config section {section!r}; method sections: {', '.join(available_methods())}")
+            self.method_config(section)
+        positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+        for key in positive + ("max_steps", "max_seq_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"{key} must be at least 1, got {value}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise UserError(f"epochs must be positive, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise UserError(f"data directory {self.data_dir} does not exist; pass the folder that holds the task's files")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as written to a run's `config.yaml` (the run's method section only)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method_args", "trainer")}
+        data[self.method] = dataclasses.asdict(self.method_config())
+        if self.trainer:
+            data["trainer"] = dict(self.trainer)
+        return data
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` converted to type `tp`, or a UserError naming the key and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, key)
+    bad = UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise bad
+        return [coerce(v, args[0], key) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    return value
+
+
+def build_dataclass(cls, values: dict[str, Any], prefix: str = ""):
+    """An instance of dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    hints = _field_types(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(prefix + k for k in hints)}"
+        )
+    return cls(**{key: coerce(value, hints[key], prefix + key) for key, value in values.items()})
+
+
+def _set_value(raw: dict[str, Any], key: str, value: Any) -> None:
+    section, dot, sub = key.partition(".")
+    if dot:
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"config key {section!r} is a section; set its keys as {section}.<key>=<value>")
+        raw[section][sub] = value
+    else:
+        raw[key] = value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML (`3`, `1e-3`, `true`, `[query, value]`)."""
+    raw: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item!r} is not key=value; write e.g. --set adalora.t_init=200")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set_value(raw, key.strip(), value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML ({first}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(file: str | Path | None = None, sets: list[str] | None = None,
+                options: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig from a YAML file, `--set` items and explicit options (None values are skipped)."""
+    raw = read_yaml(file) if file else {}
+    raw = _merge(raw, parse_set(sets or []))
+    raw = _merge(raw, {k: v for k, v in (options or {}).items() if v is not None})
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Split flat keys from sections and type-check everything."""
+    from adalora_cli.methods import available_methods
+
+    flat, method_args, trainer = {}, {}, {}
+    for key, value in raw.items():
+        if key == "method_args":
+            raise UserError("unknown config key 'method_args'; give method settings as a section named after the method")
+        if key == "trainer":
+            trainer = coerce(value, dict, "trainer")
+        elif key in available_methods():
+            method_args[key] = coerce(value if value is not None else {}, dict, key)
+        else:
+            flat[key] = value
+    if "budget" in flat:
+        flat["budget"] = parse_budget(flat["budget"])
+    cfg = build_dataclass(RunConfig, flat)
+    cfg.method_args, cfg.trainer = method_args, trainer
+    return cfg
+
+
+def dump_yaml(data: dict[str, Any], path: Path) -> None:
+    from adalora_cli.rundir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

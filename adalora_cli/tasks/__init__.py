@@ -1,0 +1,87 @@
+"""The task registry: each task knows its data, its preprocessing and its metrics, and nothing of methods.
+
+A task file registers `Task` objects by name (`register_task`); `get_task` looks them up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adalora_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One evaluation set; `suffix` is appended to its metric names (MNLI mismatched: `_mm`)."""
+
+    split: str
+    suffix: str = ""
+
+
+class Task:
+    """Interface of a task. Subclasses fill the attributes and implement the methods.
+
+    Data sources: `files` maps a split ("train", or an eval split's name) to a local file, and
+    `data_dir` is a folder in the original distribution's layout; with neither, the hub is used.
+    """
+
+    name: str
+    model_kind: str  # key of models.MODEL_CLASSES
+    num_labels: int
+    default_max_seq_length: int = 128
+    train_split: str = "train"
+    eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
+    metric_names: tuple[str, ...] = ()
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Extra fields for the model config (problem type, label names)."""
+        return {}
+
+    def local_path(self, split: str, data_dir: Path | None, files: dict[str, Path]) -> Path | None:
+        """The local file a split is read from, or None to use the hub."""
+        raise NotImplementedError
+
+    def check_sources(self, data_dir: Path | None, files: dict[str, Path]) -> None:
+        """Fail early, before any model is loaded, when a local file is missing."""
+        for split in [self.train_split] + [e.split for e in self.eval_splits]:
+            path = self.local_path(split, data_dir, files)
+            if path is not None and not path.is_file():
+                raise UserError(f"{self.name}: {split} file {path} does not exist; check --data-dir or the file options")
+
+    def load(self, split: str, data_dir: Path | None, files: dict[str, Path]):
+        """The raw split as a `datasets.Dataset`."""
+        raise NotImplementedError
+
+    def preprocess(self, raw, tokenizer, max_seq_length: int):
+        """Model features (input ids, labels...) as a `datasets.Dataset`."""
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
+        """Metrics from the model's raw outputs over `features` (built from `raw`)."""
+        raise NotImplementedError
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in _TASKS:
+        raise ValueError(f"duplicate task {task.name!r}")
+    _TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(available_tasks())}") from None
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+from adalora_cli.tasks import glue  # noqa: E402,F401  (registers the GLUE tasks)

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny randomly initialised encoders of each preset architecture, and local model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+
+def _find_shared_data() -> Path:
+    """The shared GLUE/SQuAD folder: $ADALORA_DATA_DIR, else `shared/data` beside an ancestor of this checkout."""
+    if os.environ.get("ADALORA_DATA_DIR"):
+        return Path(os.environ["ADALORA_DATA_DIR"])
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "data" / "glue").is_dir():
+            return parent / "shared" / "data"
+    return Path("shared-data-not-found")
+
+
+DATA_DIR = _find_shared_data()
+GLUE_DIR = DATA_DIR / "glue"
+SQUAD_DIR = DATA_DIR / "squad"
+
+
+def tiny_config(model_type: str, num_labels: int = 2, vocab_size: int = 30522):
+    """A 2-layer encoder of `model_type` with hidden size 32: seconds to build, no download."""
+    from transformers import BertConfig, DebertaV2Config, RobertaConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    if model_type == "bert":
+        return BertConfig(**common)
+    if model_type == "roberta":
+        return RobertaConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if model_type == "deberta-v2":
+        return DebertaV2Config(**common, relative_attention=True, position_buckets=16, max_relative_positions=32,
+                               pos_att_type=["p2c", "c2p"], pooler_hidden_size=32, position_biased_input=False)
+    raise ValueError(model_type)
+
+
+def tiny_model(model_type: str, num_labels: int = 2, seed: int = 0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels)).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from adalora_cli.models import resolve_model
+
+    return resolve_model("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_path) -> str:
+    """A tiny random BERT saved as a local model folder, with the MiniLM tokenizer (same vocabulary)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_config("bert")).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not (GLUE_DIR / "SST-2" / "dev.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    return GLUE_DIR

@@ -1,0 +1,71 @@
+"""Budget parsing and the parameter accounting of every rank plan."""
+
+import pytest
+
+from adalora_cli.budget import Target, largest_uniform_rank, parse_budget
+from adalora_cli.errors import UserError
+from adalora_cli.methods.adalora import AdaLoraConfig, plan_adaptive
+from adalora_cli.methods.lora import LoraConfig, plan_uniform
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("300000", 300_000), (300000, 300_000), ("300k", 300_000), ("300K", 300_000), ("0.3M", 300_000),
+    ("1.27M", 1_270_000), (".5m", 500_000), ("12", 12), ("1e3", None),
+])
+def test_parse_budget(text, expected):
+    if expected is None:
+        with pytest.raises(UserError):
+            parse_budget(text)
+    else:
+        assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["0.3X", "-5", "0", "", "abc", "0k", "3 M M", True])
+def test_parse_budget_rejects(bad):
+    with pytest.raises(UserError, match="budget"):
+        parse_budget(bad)
+
+
+def minilm_targets():
+    """The 36 targets of MiniLM-L6 (hidden 384, FFN 1536): 4 square 384x384 and 2 FFN matrices per layer."""
+    shapes = {"Wq": (384, 384), "Wk": (384, 384), "Wv": (384, 384), "Wo": (384, 384),
+              "Wf1": (384, 1536), "Wf2": (1536, 384)}
+    return [Target(f"l{layer}.{kind}", d_in, d_out, layer, kind)
+            for layer in range(6) for kind, (d_in, d_out) in shapes.items()]
+
+
+def test_lora_plan_is_largest_uniform_rank_within_budget():
+    targets = minilm_targets()
+    per_rank = 6 * (4 * 768 + 2 * 1920)  # 41,472 parameters per rank across the 36 matrices
+    plan = plan_uniform(targets, 300_000, LoraConfig())
+    assert set(plan.ranks.values()) == {7}
+    assert 7 * per_rank == 290_304 <= 300_000 < 8 * per_rank
+    assert plan_uniform(targets, None, LoraConfig(r=4)).ranks[targets[0].name] == 4
+
+
+def test_budget_below_one_rank_per_target_fails():
+    with pytest.raises(UserError, match="below one rank per adapted matrix"):
+        largest_uniform_rank(minilm_targets(), 41_471)
+    with pytest.raises(UserError, match="below one rank per adapted matrix"):
+        plan_adaptive(minilm_targets(), 41_000, AdaLoraConfig())
+
+
+def test_adalora_plan_starts_at_one_and_a_half_times_the_final_average_rank():
+    plan = plan_adaptive(minilm_targets(), 300_000, AdaLoraConfig())
+    per_rank = 6 * (4 * 769 + 2 * 1921)  # each triplet also holds its lambda
+    assert plan.notes["target_avg_rank"] == round(300_000 / per_rank, 3)  # 7.228
+    assert set(plan.ranks.values()) == {11}  # round(1.5 * 7.228)
+    assert plan.allocator_budget == 300_000 and plan.notes["unit"] == "params"
+
+
+def test_adalora_budget_above_initial_ranks_fails():
+    with pytest.raises(UserError, match="above what the initial rank holds"):
+        plan_adaptive(minilm_targets(), 300_000, AdaLoraConfig(init_r=2))
+
+
+def test_adalora_paper_knobs_count_triplets():
+    plan = plan_adaptive(minilm_targets(), None, AdaLoraConfig(init_r=3, target_r=2))
+    assert set(plan.ranks.values()) == {3}
+    assert plan.allocator_budget == 72 and plan.notes["unit"] == "triplets"
+    with pytest.raises(UserError, match="either --budget or adalora.target_r"):
+        plan_adaptive(minilm_targets(), 300_000, AdaLoraConfig(target_r=2))

@@ -1,0 +1,73 @@
+"""RunConfig: every shipped YAML loads, precedence is defaults < file < --set < options, and unknown keys or
+wrong types are errors."""
+
+from pathlib import Path
+
+import pytest
+
+from adalora_cli.config import make_config
+from adalora_cli.errors import UserError
+from adalora_cli.methods import get_method
+from adalora_cli.tasks import get_task
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert len(CONFIGS) >= 9
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_resolves(path):
+    cfg = make_config(path)
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        cfg.data_dir = None  # the shared data folder is not beside this checkout
+    cfg.validate()
+    assert get_task(cfg.task) and get_method(cfg.method)
+    method_cfg = cfg.method_config()
+    assert cfg.to_dict()[cfg.method] is not None and method_cfg is not None
+
+
+def test_paper_config_values():
+    cfg = make_config(Path(__file__).resolve().parents[1] / "configs/glue/mnli_adalora_deberta-v3-base.yaml")
+    m = cfg.method_config()
+    assert (cfg.lr, cfg.epochs, cfg.max_seq_length, cfg.budget) == (5e-4, 7, 256, 320_000)
+    assert (m.t_init, m.t_final, m.delta_t, m.orth_reg, m.alpha) == (8000, 50000, 100, 0.1, 16)
+
+
+def test_precedence_file_then_set_then_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: sst2\nlr: 1.0e-3\nbatch_size: 8\nadalora: {t_init: 100, delta_t: 5}\n")
+    cfg = make_config(path, ["lr=2e-3", "adalora.t_init=50", "trainer.warmup_steps=10"], {"batch_size": 16, "lr": None})
+    assert cfg.lr == 2e-3 and cfg.batch_size == 16
+    assert cfg.method_config().t_init == 50 and cfg.method_config().delta_t == 5
+    assert cfg.trainer == {"warmup_steps": 10}
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["nonsense=1"], "unknown config key 'nonsense'"),
+    (["adalora.nonsense=1"], "unknown config key 'adalora.nonsense'"),
+    (["batch_size=eight"], "'batch_size' expects int"),
+    (["lr=fast"], "'lr' expects float"),
+    (["adalora.t_init=-3"], "adalora.t_init must be"),
+    (["adalora.beta1=1.5"], "adalora.beta1 must be in"),
+    (["budget=0.3X"], "not a parameter count"),
+    (["novalue"], "is not key=value"),
+])
+def test_bad_settings_are_user_errors(sets, message):
+    with pytest.raises(UserError, match=message):
+        cfg = make_config(None, ["task=sst2"] + sets)
+        cfg.validate()
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        make_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        make_config(listing)
+    with pytest.raises(UserError, match="does not exist"):
+        make_config(tmp_path / "missing.yaml")
