@@ -119,7 +119,7 @@ def evaluate(model, tokenizer, task: Task, cfg: RunConfig) -> dict[str, float]:
     length = max_length(cfg, task, tokenizer)
     for eval_split in task.eval_splits:
         raw = load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
-        features = task.preprocess(raw, tokenizer, length)
+        features = task.preprocess(raw, tokenizer, length, training=False)
         predictions = predict(model, features, tokenizer, cfg.eval_batch_size)
         for name, value in task.compute_metrics(predictions, raw, features).items():
             metrics[name + eval_split.suffix] = round(float(value), 6)
@@ -156,7 +156,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
     for eval_split in task.eval_splits:  # read every evaluation file now: bad data fails before training
         load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
-    train_features = task.preprocess(train_raw, tokenizer, length)
+    train_features = task.preprocess(train_raw, tokenizer, length, training=True)
 
     set_seed(cfg.seed)
     model, head = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)

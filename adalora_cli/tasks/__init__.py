@@ -54,8 +54,9 @@ class Task:
         """The raw split as a `datasets.Dataset`."""
         raise NotImplementedError
 
-    def preprocess(self, raw, tokenizer, max_seq_length: int):
-        """Model features (input ids, labels...) as a `datasets.Dataset`."""
+    def preprocess(self, raw, tokenizer, max_seq_length: int, training: bool):
+        """Model features as a `datasets.Dataset`: inputs and labels for training, inputs plus whatever
+        `compute_metrics` needs for evaluation (extra columns are not fed to the model)."""
         raise NotImplementedError
 
     def compute_metrics(self, predictions, raw, features) -> dict[str, float]:

@@ -158,7 +158,7 @@ class GlueTask(Task):
                 "pass --data-dir with the GLUE TSV files for offline use"
             ) from None
 
-    def preprocess(self, raw, tokenizer, max_seq_length):
+    def preprocess(self, raw, tokenizer, max_seq_length, training):
         first, second = self.spec.keys
         label_dtype = np.float32 if self.spec.labels is None else np.int64
 
