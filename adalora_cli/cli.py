@@ -91,11 +91,23 @@ def train(
 
 @app.command("eval")
 @user_errors
-def eval_(run: RunDirArg, data_dir: DataDirOpt = None) -> None:
+def eval_(
+    run: RunDirArg,
+    data_dir: DataDirOpt = None,
+    rank: Annotated[Optional[int], typer.Option(help="Evaluate an any-rank (DyLoRA) adapter at this rank.")] = None,
+    rank_sweep: Annotated[bool, typer.Option(help="Evaluate an any-rank adapter at every rank 1..r_max.")] = False,
+) -> None:
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
     from adalora_cli.pipeline import run_eval
 
-    typer.echo(json.dumps(run_eval(run, data_dir), indent=2))
+    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep)
+    if rank_sweep:
+        names = sorted({name for metrics in result.values() for name in metrics})
+        typer.echo("rank  " + "  ".join(f"{n:>10s}" for n in names))
+        for b, metrics in result.items():
+            typer.echo(f"{b:>4d}  " + "  ".join(f"{metrics[n]:>10.4f}" for n in names))
+    else:
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()

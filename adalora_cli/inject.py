@@ -43,35 +43,42 @@ HEAD_MODULES = ("classifier", "score", "qa_outputs")
 _NEVER_TARGETS = HEAD_MODULES + ("pooler",)
 
 
-def _preset_patterns(model_type: str, target_modules: list[str] | None) -> dict[str, re.Pattern]:
-    if target_modules:
-        return {pattern: re.compile(pattern + "$") for pattern in target_modules}
-    try:
-        preset = PRESETS[model_type]
-    except KeyError:
-        raise UserError(
-            f"no target preset for model type {model_type!r} (presets: {', '.join(sorted(PRESETS))}); "
-            "name the layers with --set <method>.target_modules='[\"query\", \"value\"]'"
-        ) from None
+def _preset_patterns(model_type: str) -> dict[str, re.Pattern]:
+    preset = PRESETS.get(model_type, {})
     return {kind: re.compile(r"(?:^|\.)layer\.\d+\." + pattern + "$") for kind, pattern in preset.items()}
 
 
 def find_targets(model: nn.Module, model_type: str, target_modules: list[str] | None = None) -> list[Target]:
-    """Every `nn.Linear` of the model that the preset (or the user's patterns) selects, in module order."""
-    patterns = _preset_patterns(model_type, target_modules)
+    """Every `nn.Linear` of the model that the preset (or the user's patterns) selects, in module order.
+
+    User patterns are regexes matched at the end of module names; a matched module still gets its preset
+    matrix kind (Wq, ..., Wf2) when the architecture has a preset, for the rank-allocation report.
+    """
+    preset = _preset_patterns(model_type)
+    if not target_modules and not preset:
+        raise UserError(
+            f"no target preset for model type {model_type!r} (presets: {', '.join(sorted(PRESETS))}); "
+            "name the layers with --set <method>.target_modules='[\"query\", \"value\"]'"
+        )
+    chosen = [re.compile(pattern + "$") for pattern in target_modules or []]
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or any(part in _NEVER_TARGETS for part in name.split(".")):
             continue
-        kind = next((k for k, pattern in patterns.items() if pattern.search(name)), None)
-        if kind is None:
+        kind = next((k for k, pattern in preset.items() if pattern.search(name)), None)
+        if chosen:
+            matched = next((p.pattern[:-1] for p in chosen if p.search(name)), None)
+            if matched is None:
+                continue
+            kind = kind or matched
+        elif kind is None:
             continue
         layer = _LAYER_INDEX.search(name)
         targets.append(Target(name, module.in_features, module.out_features, int(layer.group(1)) if layer else 0, kind))
     if not targets:
         raise UserError(
             f"no linear layer of this {model_type} model matches the target modules "
-            f"{target_modules or list(patterns)}; check <method>.target_modules"
+            f"{target_modules or list(preset)}; check <method>.target_modules"
         )
     return targets
 

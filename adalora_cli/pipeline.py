@@ -205,6 +205,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         "model": cfg.model,
         "budget": cfg.budget if method.adapter else None,
         "adapter_params": int(adapter_params),
+        "nonzero_adapter_params": int(sum(layer.nonzero_count() for layer in layers.values())) if method.adapter
+        else int(adapter_params),
         "steps": int(trainer.state.global_step),
         "train_runtime_s": round(float(runtime), 2),
         "eval": evaluate(model, tokenizer, task, cfg),
@@ -226,15 +228,44 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     tmp.rename(path)
 
 
-def run_eval(run: Path, data_dir: str | None = None) -> dict[str, float]:
-    """Reload a run (or native export) and evaluate it; writes eval.json into the run folder."""
+def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
+             rank_sweep: bool = False) -> dict[str, Any]:
+    """Reload a run (or native export) and evaluate it; writes eval.json into the run folder.
+
+    With `rank`, an any-rank adapter (DyLoRA) is evaluated truncated to that rank; with `rank_sweep`, at
+    every rank from 1 to r_max (written to eval_ranks.json).
+    """
     _quiet_datasets()
     cfg = rundir.read_run_config(run, data_dir)
     task = get_task(cfg.task)
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
-    cfg, saved, model, tokenizer, _ = rundir.load_run(run, data_dir)
+    saved = rundir.read_adapter_config(run)
+    method = get_method(saved.method)
+    if (rank is not None or rank_sweep) and not method.any_rank:
+        raise UserError(f"--rank and --rank-sweep need an adapter trained for any rank (dylora); "
+                        f"this run used {saved.method}")
+    r_max = max(saved.rank_pattern().values(), default=0)
+    if rank is not None and not 1 <= rank <= r_max:
+        raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
+    cfg, saved, model, tokenizer, layers = rundir.load_run(run, data_dir)
     if torch.cuda.is_available():
         model.to("cuda")
+    if rank_sweep:
+        by_rank = {}
+        for b in range(1, r_max + 1):
+            _set_rank(layers, b)
+            by_rank[b] = evaluate(model, tokenizer, task, cfg)
+            logger.info("rank %d: %s", b, by_rank[b])
+        rundir.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
+        return by_rank
+    if rank is not None:
+        _set_rank(layers, rank)
     metrics = evaluate(model, tokenizer, task, cfg)
-    rundir.write_json(Path(run) / "eval.json", {"task": task.name, "method": saved.method, "eval": metrics})
+    rundir.write_json(Path(run) / "eval.json",
+                      {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics})
     return metrics
+
+
+def _set_rank(layers: dict, rank: int) -> None:
+    for layer in layers.values():
+        layer.set_rank(rank)

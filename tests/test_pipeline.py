@@ -28,7 +28,8 @@ def train(tiny_bert_dir, glue_dir, out, method, *extra):
 def test_train_then_eval_reproduces_metrics(tiny_bert_dir, glue_dir, tmp_path, method):
     out = tmp_path / method
     metrics = train(tiny_bert_dir, glue_dir, out, method, "--set", "adalora.t_init=1", "--set", "adalora.t_final=2")
-    assert set(metrics) == {"task", "method", "model", "budget", "adapter_params", "steps", "train_runtime_s", "eval"}
+    assert set(metrics) == {"task", "method", "model", "budget", "adapter_params", "nonzero_adapter_params", "steps",
+                            "train_runtime_s", "eval"}
     assert metrics["steps"] == 6 and set(metrics["eval"]) == {"accuracy"}
     for name in (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.HEAD, rundir.RANK_PATTERN, rundir.TRAIN_LOG):
         assert (out / name).is_file(), name
@@ -64,3 +65,32 @@ def test_overwrite_replaces_a_run(tiny_bert_dir, glue_dir, tmp_path):
     (out / "stale.txt").write_text("old")
     train(tiny_bert_dir, glue_dir, out, "lora", "--overwrite")
     assert not (out / "stale.txt").exists()
+
+
+def test_any_rank_evaluation_of_a_dylora_run(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "dy"
+    metrics = train(tiny_bert_dir, glue_dir, out, "dylora")
+    r_max = max(json.loads((out / rundir.RANK_PATTERN).read_text()).values())
+    assert r_max == 4  # 4000 // 896
+
+    result = runner.invoke(app, ["eval", str(out), "--rank", "2"])
+    assert result.exit_code == 0, result.stderr
+    at_two = json.loads((out / "eval.json").read_text())
+    assert at_two["rank"] == 2
+
+    result = runner.invoke(app, ["eval", str(out), "--rank-sweep"])
+    assert result.exit_code == 0, result.stderr
+    sweep = json.loads((out / "eval_ranks.json").read_text())
+    assert sorted(sweep, key=int) == ["1", "2", "3", "4"]
+    assert sweep["2"] == at_two["eval"]
+    assert sweep[str(r_max)] == pytest.approx(metrics["eval"], abs=1e-6)  # training ends at r_max
+
+    result = runner.invoke(app, ["eval", str(out), "--rank", "9"])
+    assert result.exit_code == 2 and "outside 1..4" in result.stderr
+
+
+def test_rank_options_need_an_any_rank_method(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "lora"
+    train(tiny_bert_dir, glue_dir, out, "lora")
+    result = runner.invoke(app, ["eval", str(out), "--rank", "2"])
+    assert result.exit_code == 2 and "need an adapter trained for any rank" in result.stderr

@@ -33,4 +33,4 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-from adalora_cli.methods import adalora, full, lora  # noqa: E402,F401  (each registers itself)
+from adalora_cli.methods import adalora, dylora, full, lora, prilora  # noqa: E402,F401  (each registers itself)

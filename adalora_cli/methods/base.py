@@ -118,6 +118,10 @@ class AdapterLinear(nn.Module):
         """Adapter parameters this layer holds at its kept rank."""
         return self.rank * (self.in_features + self.out_features + self.component_extra)
 
+    def nonzero_count(self) -> int:
+        """Adapter parameters that are not exactly zero (pruned entries excluded)."""
+        return sum(int(torch.count_nonzero(t)) for t in self.compact_state().values())
+
     def _factory(self) -> dict[str, Any]:
         return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
 
@@ -167,6 +171,7 @@ class Method:
             that change the adapter during training.
         regulariser: (layers, config) -> a callable returning the extra loss term, or None.
         adapter: False for full fine-tuning, which trains the model's own weights.
+        any_rank: the trained adapter can be used truncated to any rank (its layers have `set_rank`).
     """
 
     name: str
@@ -180,3 +185,4 @@ class Method:
     regulariser: Callable[[list[AdapterLinear], Any], Callable[[], torch.Tensor]] | None = None
     needs_allocator: bool = False
     adapter: bool = True
+    any_rank: bool = False
