@@ -1,0 +1,214 @@
+"""Quality at equal budget on real GLUE data: our methods and peft's AdaLoRA, same data, steps and seeds.
+
+    python scripts/bench_quality.py                            # writes docs/BENCHMARKS.md
+    python scripts/bench_quality.py --workers 4 --device cuda  # parallel runs on one GPU
+    python scripts/bench_quality.py --tiny                     # smoke run (tests)
+
+Every (task, method, seed) is one training run in its own process: ours through `adalora train`, peft's
+AdaLoRA through the Hugging Face Trainer with `update_and_allocate` called after every optimizer step (the
+way peft documents it), on the same tokenised data, with the same budget, schedule fractions, learning
+rate, alpha and regulariser weight as ours. A task's score is the mean of its GLUE metrics (MRPC: accuracy
+and F1; STS-B: Pearson and Spearman; CoLA: Matthews correlation; others: accuracy), times 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["sst2", "mrpc", "stsb", "rte", "cola"]
+METHODS = ["lora", "adalora", "prilora", "dylora", "peft-adalora"]
+
+
+def score(metrics: dict[str, float]) -> float:
+    keys = [k for k in ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr") if k in metrics]
+    return 100 * statistics.mean(metrics[k] for k in keys)
+
+
+def run_ours(job: dict, args) -> dict:
+    out = Path(job["out"])
+    command = [sys.executable, "-m", "adalora_cli", "train", "--task", job["task"], "--method", job["method"],
+               "--budget", args.budget, "--model", args.model, "--data-dir", args.data_dir,
+               "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-seq-length", str(args.max_seq_length), "--seed", str(job["seed"]), "--overwrite",
+               "--set", f"logging_steps={max(1, args.steps // 5)}", "--set", f"save_steps={10 * args.steps}"]
+    for option in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, option) is not None:
+            command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def run_peft_adalora(job: dict, args) -> dict:
+    """peft's AdaLoRA at the budget our AdaLoRA gets: same initial rank, final average rank, schedule."""
+    import peft
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
+
+    from adalora_cli import models
+    from adalora_cli.budget import parse_budget
+    from adalora_cli.config import RunConfig
+    from adalora_cli.inject import find_targets
+    from adalora_cli.methods import get_method
+    from adalora_cli.methods.adalora import AdaLoraConfig, resolve_schedule
+    from adalora_cli.pipeline import evaluate, load_split, max_length, training_arguments
+    from adalora_cli.tasks import get_task
+
+    budget = parse_budget(args.budget)
+    cfg = RunConfig(task=job["task"], method="adalora", model=args.model, budget=budget, data_dir=args.data_dir,
+                    output_dir=job["out"], seed=job["seed"], max_steps=args.steps, batch_size=args.batch_size,
+                    max_seq_length=args.max_seq_length, logging_steps=max(1, args.steps // 5),
+                    save_steps=10 * args.steps, max_train_samples=args.max_train_samples,
+                    max_eval_samples=args.max_eval_samples)
+    ours_cfg = AdaLoraConfig()
+    method = get_method("adalora")
+    task = get_task(job["task"])
+    hf_config = models.load_config(cfg.model, task.num_labels, **task.config_overrides())
+    targets = find_targets(models.skeleton(hf_config, task.model_kind), hf_config.model_type)
+    plan = method.plan(targets, budget, ours_cfg)
+    schedule = resolve_schedule(ours_cfg, args.steps)
+    target_r = max(1, round(plan.notes["target_avg_rank"]))
+    peft_config = peft.AdaLoraConfig(
+        task_type="SEQ_CLS", target_modules=[t.name for t in targets], init_r=plan.notes["init_r"],
+        target_r=target_r, tinit=schedule.t_init, tfinal=schedule.t_final, deltaT=schedule.delta_t,
+        beta1=ours_cfg.beta1, beta2=ours_cfg.beta2, orth_reg_weight=ours_cfg.orth_reg,
+        lora_alpha=int(ours_cfg.alpha), total_step=args.steps)
+    tokenizer = models.load_tokenizer(cfg.model)
+    features = task.preprocess(load_split(task, cfg, task.train_split, cfg.max_train_samples), tokenizer,
+                               max_length(cfg, task, tokenizer), training=True)
+    set_seed(cfg.seed)
+    model, _ = models.load_model(cfg.model, hf_config, task.model_kind)
+    model = peft.get_peft_model(model, peft_config)
+
+    class Allocate(TrainerCallback):
+        def on_optimizer_step(self, args_, state, control, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+
+    trainer = Trainer(model=model, args=training_arguments(cfg, Path(job["out"]) / "checkpoints", method.default_lr),
+                      train_dataset=features, data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer, callbacks=[Allocate()])
+    started = time.time()
+    trainer.train()
+    kept = 0
+    for module in model.modules():
+        if hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+            rank = int(torch.count_nonzero(module.lora_E["default"]))
+            kept += rank * (module.in_features + module.out_features + 1)
+    metrics = {"task": task.name, "method": "peft-adalora", "model": cfg.model, "budget": budget,
+               "adapter_params": kept, "steps": trainer.state.global_step,
+               "train_runtime_s": round(time.time() - started, 2), "eval": evaluate(model, tokenizer, task, cfg)}
+    Path(job["out"], "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_job(job: dict, args) -> dict:
+    out = Path(job["out"])
+    if (out / "metrics.json").is_file() and not args.rerun:
+        return json.loads((out / "metrics.json").read_text())
+    if job["method"] == "peft-adalora":
+        command = [sys.executable, __file__, "--peft-job", json.dumps(job), *args.passthrough]
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        return json.loads((out / "metrics.json").read_text())
+    return run_ours(job, args)
+
+
+def write_report(results: dict, args, elapsed: float) -> str:
+    lines = [
+        "# Benchmarks: quality at equal budget",
+        "",
+        f"Measured {date.today().isoformat()} on {machine(args)} by `python scripts/bench_quality.py "
+        f"{' '.join(args.passthrough)}` ({elapsed / 60:.0f} minutes).",
+        "",
+        f"Model `{args.model}`, budget {args.budget} adapter parameters, {args.steps} optimizer steps of batch "
+        f"{args.batch_size}, max length {args.max_seq_length}, seeds {', '.join(map(str, args.seeds))}; each "
+        "method at its default learning rate and settings (README). Training sets: the GLUE train files; scores on "
+        "the full GLUE dev sets (mean of the task's GLUE metrics x 100; mean +- standard deviation over seeds).",
+        "",
+        "| method | " + " | ".join(args.tasks) + " | average | adapter params |",
+        "|---|" + "---|" * (len(args.tasks) + 2),
+    ]
+    for method in args.methods:
+        cells, per_seed_average, params = [], [], set()
+        for task in args.tasks:
+            scores = [score(results[(task, method, s)]["eval"]) for s in args.seeds]
+            params.update(results[(task, method, s)]["adapter_params"] for s in args.seeds)
+            spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            cells.append(f"{statistics.mean(scores):.1f} +- {spread:.1f}")
+        for s in args.seeds:
+            per_seed_average.append(statistics.mean(score(results[(t, method, s)]["eval"]) for t in args.tasks))
+        spread = statistics.stdev(per_seed_average) if len(per_seed_average) > 1 else 0.0
+        span = f"{min(params):,}" if len(params) == 1 else f"{min(params):,} - {max(params):,}"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(per_seed_average):.1f} +- "
+                     f"{spread:.1f} | {span} |")
+    lines += ["", "Raw metrics of every run: `runs.json` next to this file.", ""]
+    return "\n".join(lines)
+
+
+def machine(args) -> str:
+    if args.device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", default="0.3M")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_quality"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    parser.add_argument("--max-train-samples", type=int, help="first N training rows only")
+    parser.add_argument("--max-eval-samples", type=int, help="first N dev rows only")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rerun", action="store_true", help="retrain runs that already have metrics.json")
+    parser.add_argument("--tiny", action="store_true", help="one task, one seed, a few steps (smoke test)")
+    parser.add_argument("--peft-job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.passthrough = sys.argv[1:]
+    if args.tiny:
+        args.tasks, args.seeds, args.steps, args.max_seq_length = args.tasks[:1], args.seeds[:1], 4, 32
+        args.max_train_samples, args.max_eval_samples = 256, 128
+    if args.peft_job:
+        run_peft_adalora(json.loads(args.peft_job), args)
+        return
+    jobs = [{"task": t, "method": m, "seed": s, "out": str(Path(args.work_dir) / f"{t}-{m}-{s}")}
+            for t in args.tasks for m in args.methods for s in args.seeds]
+    started = time.time()
+    results = {}
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for job, metrics in zip(jobs, pool.map(lambda j: run_job(j, args), jobs)):
+            results[(job["task"], job["method"], job["seed"])] = metrics
+            print(f"{job['task']:6s} {job['method']:13s} seed {job['seed']}: {score(metrics['eval']):.1f} "
+                  f"({metrics['adapter_params']:,} params)", flush=True)
+    report = write_report(results, args, time.time() - started)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    (out.parent / "runs.json").write_text(json.dumps([{"task": k[0], "method": k[1], "seed": k[2], **v}
+                                                      for k, v in results.items()], indent=1))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Grid search over `--set` values with `adalora train`, in parallel: how the method defaults were chosen.
+
+    python scripts/sweep.py --method prilora --tasks sst2 mrpc --seeds 0 1 \\
+        --grid prilora.prune_ratio=0.1,0.25,0.5 --grid prilora.prune_interval=10,50 --workers 4
+
+Every grid point (the product of the `--grid` value lists) is trained on every task and seed; the table
+gives the mean task score (GLUE metrics x 100, see bench_quality.py) per point, task and on average.
+Scores come from a held-out slice of each task's *training* file (`--holdout` rows, drawn with a fixed
+seed), never from the GLUE dev sets, so that choosing defaults does not tune on the numbers we report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quality import score  # noqa: E402
+
+from adalora_cli.tasks.glue import SPECS  # noqa: E402
+
+
+def holdout_split(data_dir: Path, work_dir: Path, tasks: list[str], rows: int) -> Path:
+    """A GLUE-layout folder whose dev.tsv is `rows` random training rows and whose train.tsv is the rest."""
+    target = work_dir / f"holdout{rows}"
+    for spec in SPECS:
+        if spec.name not in tasks:
+            continue
+        lines = (data_dir / spec.folder / "train.tsv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+        header, body = (lines[:1], lines[1:]) if spec.has_header else ([], lines)
+        order = list(range(len(body)))
+        random.Random(0).shuffle(order)
+        held = set(order[:rows])
+        folder = target / spec.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.tsv").write_text("".join(header + [r for i, r in enumerate(body) if i not in held]))
+        (folder / "dev.tsv").write_text("".join(header + [body[i] for i in sorted(held)]))
+    return target
+
+
+def grid_points(grids: list[str]) -> list[dict[str, str]]:
+    keys, values = [], []
+    for item in grids:
+        key, _, listed = item.partition("=")
+        keys.append(key)
+        values.append(listed.split(","))
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)] if keys else [{}]
+
+
+def train(job: dict, args) -> dict:
+    out = Path(job["out"])
+    if not (out / "metrics.json").is_file():
+        command = [sys.executable, "-m", "adalora_cli", "train", "--task", job["task"], "--method", args.method,
+                   "--budget", args.budget, "--model", args.model, "--data-dir", str(args.eval_data),
+                   "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--max-seq-length", str(args.max_seq_length), "--seed", str(job["seed"]), "--overwrite",
+                   "--set", f"save_steps={10 * args.steps}"]
+        for key, value in job["point"].items():
+            command += ["--set", f"{key}={value}"]
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"{job['task']:6s} seed {job['seed']} {job['point']}: {score(metrics['eval']):.2f}", flush=True)
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
+    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budget", default="0.3M")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "sweep"))
+    parser.add_argument("--holdout", type=int, default=1000, help="training rows held out for scoring (0: dev set)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", help="write every run's metrics here (JSON)")
+    args = parser.parse_args()
+    args.eval_data = Path(args.data_dir)
+    if args.holdout:
+        args.eval_data = holdout_split(Path(args.data_dir), Path(args.work_dir), args.tasks, args.holdout)
+    points = grid_points(args.grid)
+    jobs = []
+    for i, point in enumerate(points):
+        tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "default"
+        for task in args.tasks:
+            for seed in args.seeds:
+                jobs.append({"point": point, "index": i, "task": task, "seed": seed,
+                             "out": str(Path(args.work_dir) / args.method / f"{tag}-{task}-{seed}")})
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(lambda j: train(j, args), jobs))
+    scored_on = f"{args.holdout} held-out training rows" if args.holdout else "the dev sets"
+    print(f"{args.method}, {args.steps} steps, budget {args.budget}, seeds {args.seeds}, scored on {scored_on}")
+    print("point".ljust(40) + "".join(f"{t:>9s}" for t in args.tasks) + "  average")
+    for i, point in enumerate(points):
+        by_task = {t: statistics.mean(score(r["eval"]) for j, r in zip(jobs, results)
+                                      if j["index"] == i and j["task"] == t) for t in args.tasks}
+        label = " ".join(f"{k}={v}" for k, v in point.items()) or "defaults"
+        print(label.ljust(40) + "".join(f"{by_task[t]:9.2f}" for t in args.tasks) +
+              f"  {statistics.mean(by_task.values()):7.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps([{**j, **r} for j, r in zip(jobs, results)], indent=1))
+
+
+if __name__ == "__main__":
+    main()
