@@ -110,6 +110,33 @@ def eval_(
         typer.echo(json.dumps(result, indent=2))
 
 
+@app.command("export-adapter")
+@user_errors
+def export_adapter(
+    run: RunDirArg,
+    format_: Annotated[Optional[str], typer.Option("--format", help="native (our files), peft (a PEFT LoRA adapter) "
+                                                   "or merged (a plain Transformers model).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    rank: Annotated[Optional[int], typer.Option(help="Export an any-rank (DyLoRA) adapter at this rank.")] = None,
+) -> None:
+    """Export a trained run as native files, a PEFT adapter, or a model with the adapter merged in."""
+    from adalora_cli.export import run_export
+
+    typer.echo(f"wrote {format_} export: {run_export(run, format_, out, overwrite, rank)}")
+
+
+@app.command()
+@user_errors
+def inspect(run: RunDirArg) -> None:
+    """Print the final rank of every adapted matrix and write RUN/rank_allocation.png."""
+    from adalora_cli.report import write_report
+
+    table, png = write_report(run)
+    typer.echo(table)
+    typer.echo(f"wrote {png}")
+
+
 @app.command()
 @user_errors
 def methods() -> None:

@@ -212,6 +212,10 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         "eval": evaluate(model, tokenizer, task, cfg),
     }
     rundir.write_json(out / rundir.METRICS, metrics)
+    if allocation is not None:  # adaptive methods: the final ranks and the budget curve (as `adalora inspect`)
+        from adalora_cli.report import write_rank_plot
+
+        logger.info("rank allocation: %s", write_rank_plot(out))
     logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",
                 format_count(cfg.budget) if cfg.budget and method.adapter else "none")
     return metrics

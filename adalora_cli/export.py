@@ -1,0 +1,274 @@
+"""`adalora export-adapter`: a trained run as our own files, as a PEFT LoRA adapter, or merged into the model.
+
+    native  config.yaml, adapter_config.json, adapter.safetensors (full: model.safetensors), head.safetensors,
+            tokenizer/: a folder `adalora eval` reads like a run
+    peft    adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads on the
+            base model; every method becomes plain LoRA factors through `AdapterLinear.to_lora()`
+    merged  a plain Transformers model folder (W0 + scale * B @ A in every adapted Linear) with its tokenizer
+
+The run is reloaded through `rundir.load_run` only, never through the training code, so an export holds
+exactly what `adalora eval` evaluates. Everything is written into a temporary folder beside `--out` and
+renamed at the end: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from adalora_cli import rundir
+from adalora_cli.errors import UserError
+
+logger = logging.getLogger("adalora_cli")
+
+FORMATS = ("native", "peft", "merged")
+
+# PEFT's file names and key layout (peft 0.21, utils/save_and_load.py): adapter tensors are saved under the
+# PeftModel's own module names, `base_model.model.<module>.lora_{A,B}.weight`, without the adapter name;
+# modules_to_save keep their plain parameter names under the same prefix.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "QUESTION_ANS"}
+
+# Files of a run that a native export carries over unchanged (the last three serve `adalora inspect`).
+NATIVE_FILES = (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.ADAPTER, rundir.FULL_WEIGHTS, rundir.HEAD,
+                rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.METRICS)
+
+
+def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = False, rank: int | None = None) -> Path:
+    """Export the run at `run` in format `fmt` to the folder `out`; returns `out`.
+
+    Args:
+        rank: export an any-rank adapter (DyLoRA: `Method.any_rank`, layers with `set_rank`) truncated to
+            this rank; None keeps the trained ranks.
+    """
+    if fmt is None:
+        raise UserError(f"no export format; pass --format {' | '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if out is None:
+        raise UserError("no output folder; pass --out DIR")
+    run, out = Path(run), Path(out)
+    rundir.require_run(run)
+    _check_out(run, out, overwrite)
+    saved = rundir.read_adapter_config(run)
+    from adalora_cli.methods import get_method
+
+    method = get_method(saved.method)
+    if not method.adapter and fmt == "peft":
+        raise UserError(f"{run} is a full fine-tuning run: it has no adapter to export for PEFT; use --format merged")
+    if rank is not None:
+        _check_rank(saved, method, fmt, rank)
+
+    cfg, saved, model, tokenizer, layers = rundir.load_run(run)
+    factors = lora_factors(layers, rank) if method.adapter else {}
+    created, tmp = _make_parents(out.parent), None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        if fmt == "native":
+            write_native(run, tmp, tokenizer)
+        elif fmt == "peft":
+            write_peft(tmp, cfg, saved, model, factors)
+        else:
+            write_merged(tmp, model, layers, factors, tokenizer)
+        _publish(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            _remove_if_empty(folder)
+        raise
+    logger.info("wrote the %s export of %s to %s", fmt, run, out)
+    return out
+
+
+# -- the adapter as plain LoRA factors ----------------------------------------------------------------
+
+def lora_factors(layers: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
+    """Every adapter layer as `LoraFactors(B, A, scale)`, at its kept rank or truncated to `rank`.
+
+    This is the one place an export asks a method for its update, so a new method is exported as soon as
+    its layer implements `to_lora()`; an any-rank layer (DyLoRA) is first set to `rank` with `set_rank`.
+    """
+    factors = {}
+    for name, layer in layers.items():
+        if rank is not None:
+            if not hasattr(layer, "set_rank"):
+                raise UserError(f"{type(layer).__name__} adapters have one fixed rank; export without --rank")
+            layer.set_rank(rank)
+        factors[name] = layer.to_lora()
+    return factors
+
+
+def _check_rank(saved, method, fmt: str, rank: int) -> None:
+    """A chosen rank needs an any-rank adapter, a rank it holds, and a format that can store a truncation."""
+    if not method.any_rank:
+        raise UserError(f"--rank needs an adapter trained for any rank (dylora); this run used {saved.method}")
+    if fmt == "native":
+        raise UserError("a native export keeps the run's whole adapter; use --rank with --format peft or merged")
+    r_max = max(saved.rank_pattern().values(), default=0)
+    if not 1 <= rank <= r_max:
+        raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
+
+
+# -- native ----------------------------------------------------------------------------------------------
+
+def write_native(run: Path, folder: Path, tokenizer) -> None:
+    """Our own files, copied byte for byte once `load_run` has proven them readable and consistent."""
+    for name in NATIVE_FILES:
+        if (run / name).is_file():
+            shutil.copy2(run / name, folder / name)
+    if (run / rundir.TOKENIZER).is_dir():
+        shutil.copytree(run / rundir.TOKENIZER, folder / rundir.TOKENIZER)
+    else:
+        tokenizer.save_pretrained(str(folder / rundir.TOKENIZER))
+
+
+# -- PEFT ------------------------------------------------------------------------------------------------
+
+def head_modules(head_params: list[str]) -> list[str]:
+    """The modules PEFT must save whole (`modules_to_save`) so that it restores our trained head.
+
+    A parameter under a task-head module (`classifier`, `qa_outputs`, ...) or a pooler names that module;
+    any other head parameter (a layer the checkpoint lacked) names the module that owns it.
+    """
+    from adalora_cli.inject import HEAD_MODULES
+
+    modules = []
+    for param in head_params:
+        parts = param.split(".")
+        cut = next((i for i, part in enumerate(parts[:-1]) if part in HEAD_MODULES + ("pooler",)), len(parts) - 2)
+        module = ".".join(parts[:cut + 1])
+        if module not in modules:
+            modules.append(module)
+    return modules
+
+
+def peft_config(cfg, saved, factors: dict[str, Any]) -> dict[str, Any]:
+    """PEFT's LoraConfig as JSON: every module's rank in `rank_pattern` and alpha = scale * rank in
+    `alpha_pattern`, so that PEFT's scale alpha / r is ours whatever the method's own scale rule."""
+    from adalora_cli import models
+    from adalora_cli.tasks import get_task
+
+    ranks = {name: f.rank for name, f in factors.items()}
+    alphas = {name: f.scale * f.rank for name, f in factors.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    task = get_task(saved.task)
+    return {
+        "peft_type": "LORA",
+        "task_type": PEFT_TASK_TYPES[task.model_kind],
+        "base_model_name_or_path": models.resolve_model(cfg.model),
+        "revision": None,
+        "inference_mode": True,
+        "r": common,
+        "lora_alpha": next(alphas[n] for n, r in ranks.items() if r == common),
+        "lora_dropout": float(saved.method_config.get("dropout", 0.0)),
+        "target_modules": sorted(factors),
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "modules_to_save": head_modules(saved.head),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None:
+    """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes.
+    Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer for them."""
+    kept = {name: f for name, f in factors.items() if f.rank > 0}
+    if not kept:
+        raise UserError("every adapted module was pruned to rank 0, so there is no LoRA adapter; use --format merged")
+    tensors = {}
+    for name, f in kept.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = f.A
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = f.B
+    params = dict(model.named_parameters())
+    for name in saved.head:
+        tensors[PEFT_PREFIX + name] = params[name]
+    rundir.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+    rundir.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, kept))
+
+
+# -- merged ----------------------------------------------------------------------------------------------
+
+def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> None:
+    """Fold scale * B @ A into each adapted Linear and put the plain Linear back in the adapter's place."""
+    import torch
+
+    for name, layer in layers.items():
+        base = layer.base
+        with torch.no_grad():
+            delta = factors[name].delta_weight().to(device=base.weight.device, dtype=torch.float32)
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+
+
+def write_merged(folder: Path, model, layers: dict[str, Any], factors: dict[str, Any], tokenizer) -> None:
+    """A folder `AutoModelFor*.from_pretrained` and `AutoTokenizer.from_pretrained` load with no adapter
+    library: the merged weights, the config (with the task's labels) and the tokenizer."""
+    merge_adapters(model, layers, factors)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+# -- the output folder -----------------------------------------------------------------------------------
+
+def _check_out(run: Path, out: Path, overwrite: bool) -> None:
+    """Fail before any work on an output that exists (unless --overwrite) or that would swallow the run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder path")
+    resolved_run, resolved_out = run.resolve(), out.resolve()
+    if resolved_out == resolved_run or resolved_out in resolved_run.parents:
+        raise UserError(f"--out {out} would replace the run folder {run} itself; choose a folder outside the run")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty; pass --overwrite or choose another --out")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing ancestors; return those created, outermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an existing `out` (with --overwrite) is removed only after.
+    Temporary names are created private (mode 0600/0700): give the export the user's usual modes."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)  # put the previous export back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

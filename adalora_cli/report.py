@@ -1,0 +1,240 @@
+"""The rank-allocation report: which rank each adapted matrix kept, as a table and as a picture.
+
+`adalora inspect RUN` prints a table (layers x matrix types Wq Wk Wv Wo Wf1 Wf2, with totals and the adapter
+parameters against the budget) and writes RUN/rank_allocation.png: on the left a heat map of the final ranks,
+matrix types by layers with the rank written in every cell, in the manner of Figure 3 of the AdaLoRA paper;
+on the right, for adaptive methods, the scheduled budget and the kept adapter parameters over training steps.
+Training draws the same picture at the end of every adaptive run.
+
+Everything comes from the run's files (adapter_config.json, rank_history.json, metrics.json, config.yaml):
+no model is loaded, so the report takes a second and works on a native export as well.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adalora_cli import rundir
+from adalora_cli.budget import format_count
+from adalora_cli.errors import UserError
+from adalora_cli.inject import MATRIX_KINDS
+
+PLOT = "rank_allocation.png"
+
+# Tick labels as the paper writes them.
+_KIND_LABELS = {"Wq": "$W_q$", "Wk": "$W_k$", "Wv": "$W_v$", "Wo": "$W_o$", "Wf1": "$W_{f_1}$", "Wf2": "$W_{f_2}$"}
+
+
+@dataclass
+class Allocation:
+    """The final ranks of a run, laid out by layer and matrix type, and what it spent against its budget."""
+
+    method: str
+    kinds: list[str]  # columns: the preset's matrix types in order, then any others the run adapted
+    layers: list[int]  # rows
+    ranks: dict[tuple[int, str], int]  # (layer, kind) -> final rank; absent where no matrix was adapted
+    adapter_params: int
+    nonzero_params: int | None  # parameters not exactly zero, where the method prunes entries (PRILoRA)
+    budget: int | None  # parameters; None when the run was planned in ranks
+    history: list[dict[str, float]] = field(default_factory=list)  # rank_history.json (adaptive methods)
+    steps: int | None = None  # optimizer steps of the run
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+
+def read_allocation(run: Path) -> Allocation:
+    """Read a run's allocation from its files; a full fine-tuning run has none to show."""
+    run = rundir.require_run(run)
+    saved = rundir.read_adapter_config(run)
+    if not saved.modules:
+        raise UserError(f"{run} is a {saved.method} run with no adapted matrices, so it has no rank allocation")
+    ranks, kinds = {}, []
+    for name, info in saved.modules.items():
+        try:
+            key, rank = (int(info["layer"]), str(info["kind"])), int(info["rank"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{run / rundir.ADAPTER_CONFIG} has no layer, kind or rank for {name}; "
+                            "the run folder is damaged, re-run training") from None
+        ranks[key] = ranks.get(key, 0) + rank
+        if key[1] not in kinds:
+            kinds.append(key[1])
+    kinds = [k for k in MATRIX_KINDS if k in kinds] + [k for k in kinds if k not in MATRIX_KINDS]
+    metrics = rundir.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
+    history = rundir.read_json(run / rundir.RANK_HISTORY) if (run / rundir.RANK_HISTORY).is_file() else []
+    budget = rundir.read_run_config(run).budget
+    params = metrics.get("adapter_params")
+    if params is None:
+        params = _stored_params(run)
+    return Allocation(saved.method, kinds, sorted({layer for layer, _ in ranks}), ranks, int(params),
+                      metrics.get("nonzero_adapter_params"), budget, history, metrics.get("steps"))
+
+
+def _stored_params(run: Path) -> int:
+    """Adapter parameters counted from the saved tensors' shapes (when metrics.json is absent)."""
+    from safetensors import safe_open
+
+    path = run / rundir.ADAPTER
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(_numel(f.get_slice(key).get_shape()) for key in f.keys())
+    except Exception as exc:  # missing or corrupt file: safetensors raises its own types
+        raise UserError(f"cannot read {path} ({type(exc).__name__}); the run folder is damaged, "
+                        "re-run training") from None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+# -- the table -------------------------------------------------------------------------------------------
+
+def format_table(alloc: Allocation, title: str = "") -> str:
+    """Layers as rows, matrix types as columns, row and column totals, then the parameters against the budget."""
+    width = max(6, *(len(k) + 1 for k in alloc.kinds))
+    cell = lambda value: f"{value:>{width}}"  # noqa: E731
+    lines = [title] if title else []
+    lines.append(f"{'layer':>5} " + "".join(cell(k) for k in alloc.kinds) + " |" + cell("total"))
+    for layer in alloc.layers:
+        row = [alloc.ranks.get((layer, kind)) for kind in alloc.kinds]
+        lines.append(f"{layer:>5} " + "".join(cell("-" if r is None else r) for r in row) + " |"
+                     + cell(sum(r or 0 for r in row)))
+    lines.append("-" * len(lines[-1]))
+    totals = [sum(alloc.ranks.get((layer, kind), 0) for layer in alloc.layers) for kind in alloc.kinds]
+    lines.append(f"{'total':>5} " + "".join(cell(t) for t in totals) + " |" + cell(alloc.total_rank))
+    lines.extend(_spending(alloc))
+    return "\n".join(lines)
+
+
+def _spending(alloc: Allocation) -> list[str]:
+    pruned = sum(1 for r in alloc.ranks.values() if r == 0)
+    lines = [f"matrices: {len(alloc.ranks)} adapted, {pruned} pruned to rank 0; total rank {alloc.total_rank}"]
+    text = f"adapter parameters: {alloc.adapter_params:,}"
+    if alloc.budget:
+        text += f" of a budget of {alloc.budget:,} ({100 * alloc.adapter_params / alloc.budget:.1f}%)"
+    else:
+        text += " (no parameter budget: the run was planned in ranks)"
+    if alloc.nonzero_params is not None and alloc.nonzero_params != alloc.adapter_params:
+        text += f", {alloc.nonzero_params:,} of them nonzero"
+    if alloc.history:
+        text += f"; {int(alloc.history[0]['adapter_params']):,} at the start of training"
+    return lines + [text]
+
+
+# -- the picture -----------------------------------------------------------------------------------------
+
+def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
+    """Write the heat map (and, with a history, the budget curve) as a PNG, atomically."""
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless (Agg)
+
+    grid = np.full((len(alloc.kinds), len(alloc.layers)), np.nan)
+    for (layer, kind), rank in alloc.ranks.items():
+        grid[alloc.kinds.index(kind), alloc.layers.index(layer)] = rank
+    heat_w = max(3.6, 0.62 * len(alloc.layers) + 2.2)
+    height = max(3.4, 0.55 * len(alloc.kinds) + 1.9)
+    with_history = len(alloc.history) > 0
+    fig = Figure(figsize=(heat_w + (5.4 if with_history else 0), height), dpi=130,
+                 layout="constrained")
+    if with_history:
+        ax_heat, ax_hist = fig.subplots(1, 2, width_ratios=[heat_w, 5.0])
+    else:
+        ax_heat, ax_hist = fig.subplots(1, 1), None
+    _draw_heat_map(fig, ax_heat, alloc, grid)
+    if ax_hist is not None:
+        _draw_history(ax_hist, alloc)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _draw_heat_map(fig, ax, alloc: Allocation, grid) -> None:
+    import numpy as np
+    from matplotlib import colormaps
+
+    cmap = colormaps["YlGnBu"].with_extremes(bad="#e6e6e6")  # grey: a matrix that was not adapted
+    top = max(1, int(np.nanmax(grid)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=top, aspect="auto",
+                      interpolation="nearest")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            value = grid[i, j]
+            if np.isnan(value):
+                continue
+            dark = value > 0.6 * top
+            ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(alloc.layers)), [str(layer) for layer in alloc.layers])
+    ax.set_yticks(range(len(alloc.kinds)), [_KIND_LABELS.get(k, k) for k in alloc.kinds])
+    ax.set_xticks(np.arange(-0.5, len(alloc.layers)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(alloc.kinds)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("matrix")
+    ax.set_title(f"final rank ({alloc.method}, total {alloc.total_rank})", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
+    bar.set_label("rank")
+    bar.ax.yaxis.get_major_locator().set_params(integer=True)
+
+
+def _draw_history(ax, alloc: Allocation) -> None:
+    """Budget and kept parameters at each allocation, held constant between records (steps-post)."""
+    from matplotlib.ticker import FuncFormatter
+
+    steps = [int(h["step"]) for h in alloc.history]
+    end = max(steps[-1], alloc.steps or 0)
+    in_params = alloc.budget is not None
+    kept_key = "adapter_params" if in_params else "total_rank"
+    budget = [h["budget"] for h in alloc.history]
+    kept = [h.get(kept_key, 0) for h in alloc.history]
+    ax.plot(steps + [end], budget + budget[-1:], drawstyle="steps-post", color="#c0392b", linewidth=1.8,
+            label="scheduled budget")
+    ax.plot(steps + [end], kept + kept[-1:], drawstyle="steps-post", color="#2471a3", linewidth=1.4,
+            linestyle="--", label="kept adapter parameters" if in_params else "kept rank")
+    ax.set_xlim(0, max(end, 1))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("parameters" if in_params else "triplets (total rank)")
+    if in_params:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: format_count(int(value))))
+    ax.set_title("budget schedule", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+
+
+# -- entry points ----------------------------------------------------------------------------------------
+
+def write_report(run: Path) -> tuple[str, Path]:
+    """`adalora inspect`: the table as text, and the PNG written into the run folder."""
+    run = Path(run)
+    alloc = read_allocation(run)
+    title = f"rank allocation of {run} ({alloc.method})"
+    return format_table(alloc, title), plot_allocation(alloc, run / PLOT, _plot_title(run, alloc))
+
+
+def write_rank_plot(run: Path) -> Path:
+    """The picture alone, drawn by training at the end of an adaptive run."""
+    alloc = read_allocation(run)
+    return plot_allocation(alloc, Path(run) / PLOT, _plot_title(Path(run), alloc))
+
+
+def _plot_title(run: Path, alloc: Allocation) -> str:
+    budget = f" of {format_count(alloc.budget)}" if alloc.budget else ""
+    return f"{run.resolve().name} ({alloc.method}): {format_count(alloc.adapter_params)} adapter parameters{budget}"
