@@ -255,10 +255,7 @@ def _remove_if_empty(folder: Path) -> None:
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished export into place; an existing `out` (with --overwrite) is removed only after.
     Temporary names are created private (mode 0600/0700): give the export the user's usual modes."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = rundir.current_umask()
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():

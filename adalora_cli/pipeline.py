@@ -136,6 +136,9 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     cfg.validate()
     if not cfg.output_dir:
         raise UserError("no output directory; pass --output-dir")
+    for key in ("data_dir", "train_file", "validation_file"):  # the saved config must work from any folder
+        if getattr(cfg, key):
+            setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     out = Path(cfg.output_dir)
     rundir.prepare_output_dir(out, overwrite)
     task, method, method_cfg = get_task(cfg.task), get_method(cfg.method), cfg.method_config()
@@ -226,6 +229,7 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tokenizer."))
+    tmp.chmod(0o777 & ~rundir.current_umask())
     tokenizer.save_pretrained(str(tmp))
     if path.exists():
         shutil.rmtree(path)

@@ -12,8 +12,6 @@ no model is loaded, so the report takes a second and works on a native export as
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,15 +151,8 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with rundir.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

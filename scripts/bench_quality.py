@@ -37,7 +37,7 @@ def score(metrics: dict[str, float]) -> float:
     return 100 * statistics.mean(metrics[k] for k in keys)
 
 
-def run_ours(job: dict, args) -> dict:
+def run_ours(job: dict, args) -> None:
     out = Path(job["out"])
     command = [sys.executable, "-m", "adalora_cli", "train", "--task", job["task"], "--method", job["method"],
                "--budget", args.budget, "--model", args.model, "--data-dir", args.data_dir,
@@ -48,7 +48,6 @@ def run_ours(job: dict, args) -> dict:
         if getattr(args, option) is not None:
             command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads((out / "metrics.json").read_text())
 
 
 def run_peft_adalora(job: dict, args) -> dict:
@@ -115,26 +114,35 @@ def run_peft_adalora(job: dict, args) -> dict:
 
 def run_job(job: dict, args) -> dict:
     out = Path(job["out"])
-    if (out / "metrics.json").is_file() and not args.rerun:
-        return json.loads((out / "metrics.json").read_text())
-    if job["method"] == "peft-adalora":
-        command = [sys.executable, __file__, "--peft-job", json.dumps(job), *args.passthrough]
-        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-        return json.loads((out / "metrics.json").read_text())
-    return run_ours(job, args)
+    if not (out / "metrics.json").is_file() or args.rerun:
+        if job["method"] == "peft-adalora":
+            command = [sys.executable, __file__, "--peft-job", json.dumps(job), *args.passthrough]
+            subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        else:
+            run_ours(job, args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {**metrics, "command": "python scripts/bench_quality.py " + " ".join(args.passthrough),
+            "machine": machine(args)}
 
 
-def write_report(results: dict, args, elapsed: float) -> str:
+def write_report(results: dict, args) -> str:
+    runs = list(results.values())
+    commands = sorted({run["command"] for run in runs})
+    machines = sorted({run["machine"] for run in runs})
+    minutes = sum(run["train_runtime_s"] for run in runs) / 60
     lines = [
         "# Benchmarks: quality at equal budget",
         "",
-        f"Measured {date.today().isoformat()} on {machine(args)} by `python scripts/bench_quality.py "
-        f"{' '.join(args.passthrough)}` ({elapsed / 60:.0f} minutes).",
+        f"Measured {date.today().isoformat()} on {', '.join(machines)}, {len(runs)} training runs "
+        f"({minutes:.0f} minutes of training in all), by:",
+        "",
+        *[f"    {command}" for command in commands],
         "",
         f"Model `{args.model}`, budget {args.budget} adapter parameters, {args.steps} optimizer steps of batch "
         f"{args.batch_size}, max length {args.max_seq_length}, seeds {', '.join(map(str, args.seeds))}; each "
-        "method at its default learning rate and settings (README). Training sets: the GLUE train files; scores on "
-        "the full GLUE dev sets (mean of the task's GLUE metrics x 100; mean +- standard deviation over seeds).",
+        "method at its default learning rate and settings (README). Each run trains on the first steps x batch "
+        "rows of the task's GLUE train file and is scored on the full GLUE dev set (mean of the task's GLUE "
+        "metrics x 100; mean +- standard deviation over seeds).",
         "",
         "| method | " + " | ".join(args.tasks) + " | average | adapter params |",
         "|---|" + "---|" * (len(args.tasks) + 2),
@@ -177,37 +185,49 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_quality"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
-    parser.add_argument("--max-train-samples", type=int, help="first N training rows only")
+    parser.add_argument("--max-train-samples", type=int, help="first N training rows only (default steps x batch)")
     parser.add_argument("--max-eval-samples", type=int, help="first N dev rows only")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have metrics.json")
     parser.add_argument("--tiny", action="store_true", help="one task, one seed, a few steps (smoke test)")
+    parser.add_argument("--from-runs", nargs="+", help="write the report from runs.json files instead of training")
     parser.add_argument("--peft-job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = sys.argv[1:]
     if args.tiny:
         args.tasks, args.seeds, args.steps, args.max_seq_length = args.tasks[:1], args.seeds[:1], 4, 32
         args.max_train_samples, args.max_eval_samples = 256, 128
+    if args.max_train_samples is None:  # a run sees at most steps x batch rows: tokenise no more than that
+        args.max_train_samples = args.steps * args.batch_size
     if args.peft_job:
         run_peft_adalora(json.loads(args.peft_job), args)
         return
     jobs = [{"task": t, "method": m, "seed": s, "out": str(Path(args.work_dir) / f"{t}-{m}-{s}")}
             for t in args.tasks for m in args.methods for s in args.seeds]
-    started = time.time()
     results = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_runs:
+        for path in args.from_runs:
+            for run in json.loads(Path(path).read_text()):
+                results[(run["task"], run["method"], run["seed"])] = run
+        jobs = []
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         for job, metrics in zip(jobs, pool.map(lambda j: run_job(j, args), jobs)):
             results[(job["task"], job["method"], job["seed"])] = metrics
             print(f"{job['task']:6s} {job['method']:13s} seed {job['seed']}: {score(metrics['eval']):.1f} "
                   f"({metrics['adapter_params']:,} params)", flush=True)
-    report = write_report(results, args, time.time() - started)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            save_runs(results, out)  # after every run: an interrupted benchmark keeps what it measured
+    save_runs(results, out)
+    report = write_report(results, args)
     out.write_text(report)
-    (out.parent / "runs.json").write_text(json.dumps([{"task": k[0], "method": k[1], "seed": k[2], **v}
-                                                      for k, v in results.items()], indent=1))
     print(report)
+
+
+def save_runs(results: dict, out: Path) -> None:
+    rows = [{"task": k[0], "method": k[1], "seed": k[2], **v} for k, v in results.items()]
+    (out.parent / "runs.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def train(job: dict, args) -> dict:
                    "--budget", args.budget, "--model", args.model, "--data-dir", str(args.eval_data),
                    "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--max-seq-length", str(args.max_seq_length), "--seed", str(job["seed"]), "--overwrite",
-                   "--set", f"save_steps={10 * args.steps}"]
+                   "--set", f"save_steps={10 * args.steps}",
+                   "--max-train-samples", str(args.steps * args.batch_size)]  # one pass; no tokenising unused rows
         for key, value in job["point"].items():
             command += ["--set", f"{key}={value}"]
         subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)

@@ -104,9 +104,9 @@ def test_mask_keeps_the_best_prefix_that_fits_and_never_overprunes_ties():
     # Equal scores everywhere (no importance yet): a threshold rule would prune all; we keep what fits.
     keep = allocator.keep_mask(30)
     assert keep.tolist() == [True, True, True, False, False, False]  # 3 x 6 = 18; + 17 = 35 > 30
-    allocator.ipt = [torch.ones_like(t) for t in allocator.ipt]
-    allocator.unc = [torch.ones_like(t) for t in allocator.unc]
     with torch.no_grad():
+        for t in allocator.ipt + allocator.unc:
+            t.fill_(1.0)
         allocator.unc[4][1] = 5.0  # raise lambda_1 of the large layer to the top
     keep = allocator.keep_mask(30)
     # Ranking: large#1 (score 7), then the ties at score 3 in index order: small#0, small#1, small#2, ...

@@ -47,6 +47,7 @@ RESCALED_SHARE = 0.65
 
 @dataclass
 class AdaLoraConfig(MethodConfig):
+    alpha: float = 32.0  # numerator of the scale alpha / r_init (measured: README, "How the defaults were chosen")
     init_r: int | None = None  # initial rank of every target; default: 1.5x the final average rank
     target_r: float | None = None  # paper-exact final average rank (budget in triplets), instead of --budget
     t_init: float = 0.1  # warm-up before pruning: steps if >= 1, else a fraction of the run
@@ -91,7 +92,7 @@ class AdaLoraLinear(AdapterLinear):
         self.register_buffer("kept", torch.ones(rank, dtype=torch.bool, device=self.base.weight.device))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * self.scaling
+        return F.linear(F.linear(x, self.lora_A * (self.lora_E * self.scaling)), self.lora_B)
 
     @property
     def rank(self) -> int:
@@ -147,25 +148,30 @@ def make_layer(base: nn.Linear, rank: int, scaling: float, cfg: AdaLoraConfig) -
 
 
 def orthogonality_regulariser(layers: list[AdapterLinear], cfg: AdaLoraConfig) -> Callable[[], torch.Tensor] | None:
-    """gamma * mean over the 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (unsquared, as released)."""
+    """gamma * mean over the 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (unsquared, as released).
+
+    Both terms are the Gram matrix of a factor along its rank axis (Q, and P transposed). Factors of the
+    same shape are stacked and handled by one batched product: a handful of kernels per step instead of
+    six per layer.
+    """
     if cfg.orth_reg == 0 or not layers:
         return None
-    eyes: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def eye(r: int, like: torch.Tensor) -> torch.Tensor:
-        key = (r, like.device)
-        if key not in eyes:
-            eyes[key] = torch.eye(r, dtype=like.dtype, device=like.device)
-        return eyes[key]
-
-    weight = cfg.orth_reg / (2 * len(layers))
+    factors = [(layer, "lora_A") for layer in layers] + [(layer, "lora_B") for layer in layers]
+    groups: dict[tuple[int, ...], list[tuple[AdapterLinear, str]]] = {}
+    for layer, name in factors:
+        shape = tuple(getattr(layer, name).shape)
+        groups.setdefault(shape if name == "lora_A" else shape[::-1], []).append((layer, name))
+    weight = cfg.orth_reg / len(factors)
+    eyes: dict[tuple, torch.Tensor] = {}
 
     def regulariser() -> torch.Tensor:
         total = 0.0
-        for layer in layers:
-            A, B = layer.lora_A, layer.lora_B
-            total = total + torch.linalg.matrix_norm(A @ A.T - eye(A.shape[0], A))
-            total = total + torch.linalg.matrix_norm(B.T @ B - eye(B.shape[1], B))
+        for (rank, _), members in groups.items():
+            M = torch.stack([getattr(l, n) if n == "lora_A" else getattr(l, n).T for l, n in members])  # g x r x d
+            key = (rank, M.device, M.dtype)
+            if key not in eyes:
+                eyes[key] = torch.eye(rank, device=M.device, dtype=M.dtype)
+            total = total + torch.linalg.matrix_norm(torch.bmm(M, M.transpose(1, 2)) - eyes[key]).sum()
         return weight * total
 
     return regulariser
@@ -224,8 +230,32 @@ def resolve_schedule(cfg: AdaLoraConfig, total: int) -> Schedule:
     return Schedule(total, t_init, t_final, delta_t)
 
 
+class _ScoreGroup:
+    """EMA storage for one parameter kind (P, lambda or Q) of layers that share a shape.
+
+    The per-layer EMA tensors are views into one stacked tensor, so the per-step update runs as fused
+    `_foreach` ops over the views and the triplet scores reduce a whole group in one op.
+    """
+
+    def __init__(self, kind: str, members: list[int], params: list[torch.Tensor], offsets: list[int]):
+        self.kind = kind
+        self.ipt = torch.zeros((len(members), *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+        self.unc = torch.zeros_like(self.ipt)
+        rank = params[0].shape[1] if kind == "P" else params[0].shape[0]
+        self.index = torch.stack([offsets[i] + torch.arange(rank) for i in members]).to(params[0].device)
+
+    def scores(self) -> torch.Tensor:
+        """This group's share of S_i, shaped like `index`: s(lambda_i), mean_j s(P_ji) or mean_j s(Q_ij)."""
+        s = self.ipt * self.unc
+        if self.kind == "P":
+            return s.mean(dim=1)
+        if self.kind == "Q":
+            return s.mean(dim=2)
+        return s.view(s.shape[0], -1)
+
+
 class AdaLoraAllocator(Allocator):
-    """Importance EMAs and budget masking over all AdaLoRA layers, kept as flat tensor lists."""
+    """Importance EMAs and budget masking over all AdaLoRA layers, as fused ops over cached tensor lists."""
 
     def __init__(self, layers: dict[str, AdaLoraLinear], cfg: AdaLoraConfig, plan: RankPlan, total_steps: int):
         self.names = list(layers)
@@ -234,9 +264,10 @@ class AdaLoraAllocator(Allocator):
         self.schedule = resolve_schedule(cfg, total_steps)
         # Parameters ordered P (lora_B), lambda (lora_E), Q (lora_A) per layer: one flat list for _foreach ops.
         self.params = [p for layer in self.layers for p in (layer.lora_B, layer.lora_E, layer.lora_A)]
-        self.ipt = [torch.zeros_like(p) for p in self.params]  # Ibar
-        self.unc = [torch.zeros_like(p) for p in self.params]  # U
+        self.lambdas = [layer.lora_E for layer in self.layers]
+        self.kept = [layer.kept for layer in self.layers]
         self.sizes = [layer.lora_E.shape[0] for layer in self.layers]
+        self._build_groups()
         device = self.params[0].device if self.params else torch.device("cpu")
         unit_params = plan.notes.get("unit") == "params"
         costs = [
@@ -249,8 +280,28 @@ class AdaLoraAllocator(Allocator):
         self.bT = int(plan.allocator_budget)
         self.budget = self.b0
         self.frozen = False  # True once the final phase has fixed the kept set
+        self._frozen_factors: list[torch.Tensor] = []
         self._history: list[dict[str, float]] = []
         self._record(0)
+
+    def _build_groups(self) -> None:
+        offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        by_key: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            for kind, p in (("P", layer.lora_B), ("E", layer.lora_E), ("Q", layer.lora_A)):
+                by_key.setdefault((kind, tuple(p.shape)), []).append(i)
+        self.groups = []
+        ipt_views: dict[tuple[int, str], torch.Tensor] = {}
+        unc_views: dict[tuple[int, str], torch.Tensor] = {}
+        for (kind, _), members in by_key.items():
+            attr = {"P": "lora_B", "E": "lora_E", "Q": "lora_A"}[kind]
+            group = _ScoreGroup(kind, members, [getattr(self.layers[i], attr) for i in members], offsets)
+            self.groups.append(group)
+            for row, i in enumerate(members):
+                ipt_views[(i, kind)], unc_views[(i, kind)] = group.ipt[row], group.unc[row]
+        order = [(i, kind) for i in range(len(self.layers)) for kind in ("P", "E", "Q")]
+        self.ipt = [ipt_views[key] for key in order]  # Ibar, aligned with self.params
+        self.unc = [unc_views[key] for key in order]  # U
 
     # -- importance -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,12 +320,10 @@ class AdaLoraAllocator(Allocator):
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
         """S_i for every triplet of every layer, concatenated in layer order."""
-        s = torch._foreach_mul(self.ipt, self.unc)
-        per_layer = []
-        for i in range(len(self.layers)):
-            s_P, s_E, s_Q = s[3 * i], s[3 * i + 1], s[3 * i + 2]
-            per_layer.append(s_E.view(-1) + s_P.mean(dim=0) + s_Q.mean(dim=1))
-        return torch.cat(per_layer)
+        scores = torch.zeros(sum(self.sizes), dtype=self.params[0].dtype, device=self.params[0].device)
+        for group in self.groups:
+            scores.index_add_(0, group.index.view(-1), group.scores().reshape(-1))
+        return scores
 
     # -- masking ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,14 +337,16 @@ class AdaLoraAllocator(Allocator):
 
     @torch.no_grad()
     def apply_mask(self, keep: torch.Tensor) -> None:
-        for layer, kept in zip(self.layers, keep.split(self.sizes)):
-            layer.kept.copy_(kept)
-            layer.lora_E.masked_fill_(~kept.view(-1, 1), 0.0)
+        torch._foreach_copy_(self.kept, list(keep.split(self.sizes)))
+        factors = [k.view(-1, 1).to(self.lambdas[0].dtype) for k in keep.split(self.sizes)]
+        torch._foreach_mul_(self.lambdas, factors)  # pruned lambda_i -> 0; P and Q keep training
+        self._frozen_factors = factors
 
     @torch.no_grad()
     def _reapply_frozen_mask(self) -> None:
-        for layer in self.layers:
-            layer.lora_E.masked_fill_(~layer.kept.view(-1, 1), 0.0)
+        if not self._frozen_factors:  # e.g. right after a resume
+            self._frozen_factors = [k.view(-1, 1).to(self.lambdas[0].dtype) for k in self.kept]
+        torch._foreach_mul_(self.lambdas, self._frozen_factors)
 
     # -- the per-step entry point -----------------------------------------------------------------
     def step(self, t: int) -> None:
@@ -355,6 +406,7 @@ class AdaLoraAllocator(Allocator):
         for layer, kept in zip(self.layers, state["kept"]):
             layer.kept.copy_(kept)
         self.budget, self.frozen = state["budget"], state["frozen"]
+        self._frozen_factors = []
         self._history = list(state["history"])
 
 
@@ -363,7 +415,7 @@ register_method(
         name="adalora",
         summary="AdaLoRA: SVD-like triplets pruned by importance along a cubic budget schedule",
         config_cls=AdaLoraConfig,
-        default_lr=2e-3,
+        default_lr=3e-3,
         plan=plan_adaptive,
         make_layer=make_layer,
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,

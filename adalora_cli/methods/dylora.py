@@ -79,7 +79,7 @@ class DyLoraLinear(AdapterLinear):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self._factors()
-        return F.linear(F.linear(x, A), B) * self.scaling
+        return F.linear(F.linear(x, A) * self.scaling, B)
 
     @property
     def rank(self) -> int:
@@ -156,7 +156,7 @@ register_method(
         name="dylora",
         summary="DyLoRA: one rank drawn per step, the adapter works at any rank up to r_max afterwards",
         config_cls=DyLoraConfig,
-        default_lr=2e-3,
+        default_lr=1e-3,
         plan=plan_nested,
         make_layer=make_layer,
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,

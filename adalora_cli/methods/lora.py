@@ -37,7 +37,7 @@ class LoraLinear(AdapterLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # scale the narrow r-wide side
 
     @property
     def rank(self) -> int:

@@ -38,8 +38,8 @@ from adalora_cli.methods.lora import LoraLinear
 class PriLoraConfig(MethodConfig):
     r_first: float = 4.0  # rank of the first layer (scaled to fit --budget)
     r_last: float = 12.0  # rank of the last layer (scaled to fit --budget)
-    prune_ratio: float = 0.25  # fraction of each row of A zeroed at every prune
-    prune_interval: int = 10  # optimizer steps between prunes
+    prune_ratio: float = 0.5  # fraction of each row of A zeroed at every prune (README, "PRILoRA defaults")
+    prune_interval: int = 50  # optimizer steps between prunes
     beta: float = 0.9  # EMA factor of the input-norm statistics
 
     def validate(self) -> None:
