@@ -265,6 +265,9 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
             by_rank[b] = evaluate(model, tokenizer, task, cfg)
             logger.info("rank %d: %s", b, by_rank[b])
         rundir.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
+        from adalora_cli.report import plot_rank_sweep
+
+        plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
         return by_rank
     if rank is not None:
         _set_rank(layers, rank)

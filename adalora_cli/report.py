@@ -229,3 +229,25 @@ def write_rank_plot(run: Path) -> Path:
 def _plot_title(run: Path, alloc: Allocation) -> str:
     budget = f" of {format_count(alloc.budget)}" if alloc.budget else ""
     return f"{run.resolve().name} ({alloc.method}): {format_count(alloc.adapter_params)} adapter parameters{budget}"
+
+
+def plot_rank_sweep(by_rank: dict[int, dict[str, float]], path: Path, title: str = "") -> Path:
+    """Every metric against the rank an any-rank adapter was evaluated at (`adalora eval --rank-sweep`)."""
+    from matplotlib.figure import Figure
+
+    ranks = sorted(by_rank)
+    fig = Figure(figsize=(5.6, 3.6), dpi=130, layout="constrained")
+    ax = fig.subplots()
+    for name in sorted({name for metrics in by_rank.values() for name in metrics}):
+        ax.plot(ranks, [by_rank[r].get(name) for r in ranks], marker="o", label=name)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("metric")
+    ax.set_xticks(ranks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    path = Path(path)
+    with rundir.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

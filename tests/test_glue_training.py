@@ -30,10 +30,10 @@ def assert_eval_reproduces(out, metrics):
     assert reloaded == pytest.approx(metrics["eval"], abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_adapter_beats_majority_within_budget(glue_dir, tmp_path, method):
+@pytest.mark.parametrize("method, steps", [("lora", 80), ("adalora", 150)])  # AdaLoRA starts slower (lambda = 0)
+def test_adapter_beats_majority_within_budget(glue_dir, tmp_path, method, steps):
     out = tmp_path / method
-    metrics = train_minilm(glue_dir, out, method, 80, "--budget", "0.3M")
+    metrics = train_minilm(glue_dir, out, method, steps, "--budget", "0.3M")
     assert metrics["eval"]["accuracy"] > SST2_DEV_MAJORITY + 0.15, metrics
     assert metrics["adapter_params"] <= 300_000
     ranks = json.loads((out / rundir.RANK_PATTERN).read_text())

@@ -84,6 +84,7 @@ def test_any_rank_evaluation_of_a_dylora_run(tiny_bert_dir, glue_dir, tmp_path):
     assert sorted(sweep, key=int) == ["1", "2", "3", "4"]
     assert sweep["2"] == at_two["eval"]
     assert sweep[str(r_max)] == pytest.approx(metrics["eval"], abs=1e-6)  # training ends at r_max
+    assert (out / "eval_ranks.png").stat().st_size > 5000
 
     result = runner.invoke(app, ["eval", str(out), "--rank", "9"])
     assert result.exit_code == 2 and "outside 1..4" in result.stderr
