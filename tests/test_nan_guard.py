@@ -77,7 +77,8 @@ def test_the_step_named_counts_optimizer_steps_and_is_never_applied(tmp_path, ba
     layers = inject_adapters(model, method, cfg, method.plan(find_targets(model, "bert"), None, cfg))
     mark_trainable(model, method, {n for n, _ in model.named_parameters() if n.startswith("classifier")})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=6, save_strategy="no", report_to="none", disable_tqdm=True)
+                             max_steps=6, save_strategy="no", report_to="none", disable_tqdm=True,
+                             dataloader_pin_memory=False)
     steps = _Steps()
     trainer = _PoisonLoss(model=model, args=args, train_dataset=synthetic_rows(), bad_micro_batch=bad_micro_batch,
                           callbacks=[steps])
