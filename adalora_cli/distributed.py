@@ -87,8 +87,10 @@ def check_deepspeed(trainer_settings: dict[str, Any], method) -> None:
     if stage is None:
         return
     if stage >= 3:
+        fix = (f"use ZeRO stage {method.max_zero_stage} or lower, or plain DDP (torchrun) without DeepSpeed"
+               if method.max_zero_stage > 0 else "drop trainer.deepspeed and use plain DDP (torchrun)")
         raise UserError(f"DeepSpeed ZeRO-3 partitions the weights, which {method.name} and the run directory need "
-                        "whole on every process; use ZeRO stage 2 or lower, or plain DDP (torchrun) without DeepSpeed")
+                        f"whole on every process; {fix}")
     if stage > method.max_zero_stage:
         raise UserError(f"DeepSpeed ZeRO-{stage} is not supported by {method.name}: its allocator reads every gradient "
                         "and edits the weights in place, which ZeRO's partitioned gradients and optimizer copy hide or "
