@@ -11,10 +11,38 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from adalora_cli.errors import UserError
+from adalora_cli.errors import TrainingFailed, UserError
+
+
+class OneLineErrors(TyperGroup):
+    """Command-line mistakes (unknown option or command, a value of the wrong type) as one line on stderr
+    with exit code 2, like every other user error, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as exc:  # click's exception classes live in typer's own copy of click: match by shape
+            if type(exc).__name__ == "Abort":
+                typer.echo("adalora: aborted", err=True)
+                sys.exit(1)
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help is the answer
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"adalora: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)  # an int is the code of a typer.Exit
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Fine-tune Transformer encoders with adaptive-rank low-rank adapters under a parameter budget.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -27,24 +55,36 @@ DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Local dat
 
 
 def user_errors(command):
-    """Print a UserError as one line on stderr and exit with code 2; no traceback."""
+    """Print a UserError as one line on stderr and exit with code 2 (TrainingFailed: code 1); no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         _setup_logging()
         try:
             return command(*args, **kwargs)
-        except UserError as exc:
+        except (UserError, TrainingFailed) as exc:
             typer.echo(f"adalora: error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(2 if isinstance(exc, UserError) else 1) from None
 
     return wrapper
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (a test runner may swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _setup_logging() -> None:
     logger = logging.getLogger("adalora_cli")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("adalora: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -76,17 +116,23 @@ def train(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations.")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option(help="Allow model code from the hub.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output-dir from its last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.t_init=200 (repeatable).")] = None,
 ) -> None:
     """Fine-tune a model on a task with an adapter method, then evaluate it."""
-    options = {key: value for key, value in locals().items() if key not in ("config", "set_", "overwrite")}
+    options = {key: value for key, value in locals().items() if key not in ("config", "set_", "overwrite", "resume")}
     from adalora_cli.config import make_config
     from adalora_cli.pipeline import run_train
 
     cfg = make_config(config, set_, options)
+    if resume and cfg.output_dir:  # the run's saved settings, under whatever is given again now
+        from adalora_cli.checkpoints import saved_settings
 
-    metrics = run_train(cfg, overwrite=overwrite)
-    typer.echo(json.dumps(metrics, indent=2))
+        cfg = make_config(config, set_, options, base=saved_settings(cfg.output_dir))
+
+    metrics = run_train(cfg, overwrite=overwrite, resume=resume)
+    if metrics is not None:  # None on the other processes of a multi-process run
+        typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command("eval")

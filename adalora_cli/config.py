@@ -1,6 +1,7 @@
 """RunConfig: every setting of a run, from defaults, a YAML file, `--set key=value` and command-line options.
 
-Precedence, lowest first: the defaults below, `--config FILE`, `--set key=value`, explicit options.
+Precedence, lowest first: the defaults below, (with `--resume`) the run's saved config.yaml, `--config FILE`,
+`--set key=value`, explicit options.
 Keys are flat (`lr`, `epochs`, `budget`...) plus one section per method (`adalora.t_init`) and
 `trainer.<TrainingArguments field>` for anything else the Hugging Face Trainer accepts.
 Unknown keys and values of the wrong type are errors, never silently ignored.
@@ -50,7 +51,7 @@ class RunConfig:
     save_steps: int = 500
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # section name -> raw values
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})  # per section
     trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments
 
     def method_config(self, name: str | None = None):
@@ -78,13 +79,13 @@ class RunConfig:
         for key in positive + ("max_steps", "max_seq_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise UserError(f"{key} must be at least 1, got {value}")
+                raise UserError(f"{key} must be at least 1, got {value}; give a positive whole number")
         if self.epochs <= 0 and self.max_steps is None:
-            raise UserError(f"epochs must be positive, got {self.epochs}")
+            raise UserError(f"epochs must be positive, got {self.epochs}; give e.g. --epochs 3 or --max-steps")
         if self.lr is not None and self.lr <= 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
+            raise UserError(f"lr must be positive, got {self.lr}; give e.g. --lr 1e-3")
         if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; give a fraction such as 0.06")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise UserError(f"data directory {self.data_dir} does not exist; pass the folder that holds the task's files")
 
@@ -98,7 +99,9 @@ class RunConfig:
 
 
 def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Settable fields and their types (fields marked internal are filled by code, never by the user)."""
+    internal = {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k not in internal}
 
 
 def _type_name(tp) -> str:
@@ -115,7 +118,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return coerce(value, inner, key)
-    bad = UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    bad = UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}; fix the value")
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -203,7 +206,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist; check the --config path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -212,7 +215,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}; "
+                        "write one `key: value` per line")
     return data
 
 
@@ -227,9 +231,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_config(file: str | Path | None = None, sets: list[str] | None = None,
-                options: dict[str, Any] | None = None) -> RunConfig:
-    """The RunConfig from a YAML file, `--set` items and explicit options (None values are skipped)."""
-    raw = read_yaml(file) if file else {}
+                options: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig from a YAML file, `--set` items and explicit options (None values are skipped), on top of
+    `base` (a run's saved settings, when resuming it)."""
+    raw = _merge(base or {}, read_yaml(file) if file else {})
     raw = _merge(raw, parse_set(sets or []))
     raw = _merge(raw, {k: v for k, v in (options or {}).items() if v is not None})
     return from_dict(raw)

@@ -1,5 +1,10 @@
-"""The one exception type for mistakes a user can fix: the CLI prints it as one line and exits with code 2."""
+"""The exceptions the CLI turns into one line on stderr: UserError (exit code 2) and TrainingFailed (exit code 1)."""
 
 
 class UserError(Exception):
     """A problem in the user's input (options, files, data), with the fix in the message."""
+
+
+class TrainingFailed(Exception):
+    """Training stopped for a reason the input did not show in advance (the loss became NaN or infinite).
+    The CLI prints it as one line, like a UserError, but exits with code 1: the settings were valid."""

@@ -25,6 +25,9 @@ MODEL_CLASSES = {
 
 def resolve_model(name: str) -> str:
     """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"cannot load model {name!r}: no such folder; give a local model folder, a hub id while "
+                        "online, or --model minilm-l6 for the embedded MiniLM-L6")
     if name in EMBEDDED:
         package, install = EMBEDDED[name]
         try:

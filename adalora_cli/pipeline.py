@@ -4,6 +4,7 @@ and `run_eval` (run directory -> model -> metrics). Methods differ only through 
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from adalora_cli import models, rundir
+from adalora_cli import checkpoints, distributed, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
-from adalora_cli.errors import UserError
+from adalora_cli.errors import TrainingFailed, UserError
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task, get_task
@@ -78,7 +79,12 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float):
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under DDP
-        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (old names deprecated)
+        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+            else "gradient_checkpointing"
+        settings.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
+    if distributed.world_size() > 1 and not torch.cuda.is_available():
+        settings["use_cpu"] = True  # torchrun on CPUs: without it the Trainer would not start DDP (gloo)
     settings.update(cfg.trainer)
     try:
         return TrainingArguments(**settings)
@@ -126,23 +132,40 @@ def evaluate(model, tokenizer, task: Task, cfg: RunConfig) -> dict[str, float]:
     return metrics
 
 
-def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Train, save the run directory, evaluate; returns the metrics written to metrics.json."""
+def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any] | None:
+    """Train, save the run directory, evaluate; returns the metrics written to metrics.json.
+
+    With `resume`, continue the run in `cfg.output_dir` from its last complete checkpoint (same settings).
+    Under several processes (torchrun), every process trains and only the main one writes the run
+    directory and evaluates; the others return None.
+    """
     from transformers import set_seed
 
-    from adalora_cli.training import AdapterTrainer, AllocationCallback
+    from adalora_cli.training import AdapterTrainer, AllocationCallback, NonFiniteLoss
 
     _quiet_datasets()
     cfg.validate()
     if not cfg.output_dir:
         raise UserError("no output directory; pass --output-dir")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --output-dir and --overwrite deletes it; pass only one")
     for key in ("data_dir", "train_file", "validation_file"):  # the saved config must work from any folder
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     out = Path(cfg.output_dir)
-    rundir.prepare_output_dir(out, overwrite)
     task, method, method_cfg = get_task(cfg.task), get_method(cfg.method), cfg.method_config()
+    distributed.check_deepspeed(cfg.trainer, method)
+    resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
+    if not resume:
+        rundir.prepare_output_dir(out, overwrite)
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
+    train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
+    for eval_split in task.eval_splits:  # read every evaluation file now: bad data fails before any model work
+        load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
+    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr)  # starts DDP if launched
+    main = args.process_index == 0
+    if not main:
+        logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
 
     hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
     targets, plan = [], None
@@ -156,9 +179,6 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     length = max_length(cfg, task, tokenizer)
-    train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
-    for eval_split in task.eval_splits:  # read every evaluation file now: bad data fails before training
-        load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
     train_features = task.preprocess(train_raw, tokenizer, length, training=True)
 
     set_seed(cfg.seed)
@@ -167,10 +187,18 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     trainable, total = mark_trainable(model, method, head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    rundir.reset_output_dir(out)
+    distributed.barrier()  # every process has checked the output folder before the main one changes it
+    if main:
+        if resume_from is not None:
+            checkpoints.drop_later_checkpoints(resume_from)
+        else:
+            rundir.reset_output_dir(out)
+            dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
+    distributed.barrier()
     allocation = None
     if method.make_allocator is not None:
-        allocation = AllocationCallback(lambda steps: method.make_allocator(layers, method_cfg, plan, steps))
+        allocation = AllocationCallback(lambda steps: method.make_allocator(layers, method_cfg, plan, steps),
+                                        resume_from=resume_from)
     elif method.needs_allocator:
         raise RuntimeError(f"method {method.name} needs an allocator")
     regulariser = method.regulariser(list(layers.values()), method_cfg) if method.regulariser else None
@@ -178,21 +206,35 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
 
     trainer = AdapterTrainer(
         model=model,
-        args=training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr),
+        args=args,
         train_dataset=train_features,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         regulariser=regulariser,
         allocation=allocation,
     )
+    if resume_from is not None:
+        logger.info("resuming from %s", resume_from)
     started = time.time()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except NonFiniteLoss as exc:
+        _close_progress_bars(trainer)
+        raise TrainingFailed(_divergence_message(exc, out, method.make_allocator is not None)) from None
+    except pickle.UnpicklingError as exc:  # the Trainer loads optimizer, scheduler and RNG with weights_only=True
+        if resume_from is None:
+            raise
+        raise UserError(f"--resume: {resume_from} holds a file that is not plain tensors ({str(exc).splitlines()[0]}); "
+                        "it was not loaded: remove that checkpoint folder and resume from an earlier one") from None
     runtime = result.metrics.get("train_runtime", time.time() - started)
+    if not main:
+        return None
 
     rank_pattern = rundir.write_adapter(out, method, model, layers, head, cfg, targets)
     adapter_params = sum(layer.param_count() for layer in layers.values()) if method.adapter else \
         sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
-    dump_yaml(cfg.to_dict(), out / rundir.CONFIG)
+    if resume_from is not None:  # a resumed run may have moved its data or changed its log interval
+        dump_yaml(cfg.to_dict(), out / rundir.CONFIG)
     _save_tokenizer(tokenizer, out / rundir.TOKENIZER)
     rundir.write_json(out / rundir.RANK_PATTERN, rank_pattern)
     if allocation is not None:
@@ -222,6 +264,23 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",
                 format_count(cfg.budget) if cfg.budget and method.adapter else "none")
     return metrics
+
+
+def _divergence_message(exc, out: Path, needs_allocator: bool) -> str:
+    last = checkpoints.last_complete_checkpoint(out, needs_allocator)
+    kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
+    return (f"loss became {exc.value} at optimizer step {exc.step}; {kept}; lower --lr (or "
+            "--set max_grad_norm=...), check the data, and train again with --overwrite")
+
+
+def _close_progress_bars(trainer) -> None:
+    """Close the Trainer's progress bar, left open by the exception, so the error stays the last line."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
 
 
 def _save_tokenizer(tokenizer, path: Path) -> None:

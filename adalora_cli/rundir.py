@@ -100,7 +100,8 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} is a file; choose another --output-dir")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output directory {path} is not empty; pass --overwrite or choose another --output-dir")
+        hint = ", --resume to continue its checkpoints," if (path / CHECKPOINTS).is_dir() and not (path / METRICS).exists() else ""
+        raise UserError(f"output directory {path} is not empty; pass --overwrite{hint} or choose another --output-dir")
 
 
 def reset_output_dir(path: Path) -> None:

@@ -71,6 +71,21 @@ def tiny_bert_dir(tmp_path_factory, minilm_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout_dir(tmp_path_factory, minilm_path) -> str:
+    """The tiny BERT folder without dropout: runs that split the same batch differently (gradient accumulation,
+    several processes) then compute the same gradients up to float rounding."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    AutoModel.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def glue_dir() -> Path:
     if not (GLUE_DIR / "SST-2" / "dev.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")

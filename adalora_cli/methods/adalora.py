@@ -422,5 +422,6 @@ register_method(
         make_allocator=AdaLoraAllocator,
         regulariser=orthogonality_regulariser,
         needs_allocator=True,
+        max_zero_stage=0,  # importance needs every gradient; masking edits weights in place
     )
 )

@@ -172,6 +172,8 @@ class Method:
         regulariser: (layers, config) -> a callable returning the extra loss term, or None.
         adapter: False for full fine-tuning, which trains the model's own weights.
         any_rank: the trained adapter can be used truncated to any rank (its layers have `set_rank`).
+        max_zero_stage: the highest DeepSpeed ZeRO stage the method trains correctly under; 0 for allocators
+            that read every gradient or edit weights in place (see `distributed.check_deepspeed`).
     """
 
     name: str
@@ -186,3 +188,4 @@ class Method:
     needs_allocator: bool = False
     adapter: bool = True
     any_rank: bool = False
+    max_zero_stage: int = 2

@@ -178,5 +178,6 @@ register_method(
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,
         make_allocator=InputNormPruner,
         needs_allocator=True,
+        max_zero_stage=0,  # pruning edits A in place, which ZeRO's optimizer copy of the weights would undo
     )
 )

@@ -108,7 +108,8 @@ def _parse_label(value: str, spec: GlueSpec, path: Path, line: int) -> int | flo
             " / ".join(spec.labels) if spec.label_text else f"0..{len(spec.labels) - 1}")
         raise UserError(f"{path} line {line}: label {value!r} is not {expected}; fix the label column") from None
     if not 0 <= label < len(spec.labels):
-        raise UserError(f"{path} line {line}: label {label} is outside 0..{len(spec.labels) - 1} for GLUE {spec.name}")
+        raise UserError(f"{path} line {line}: label {label} is outside 0..{len(spec.labels) - 1} for GLUE {spec.name}; "
+                        "fix the label column")
     return label
 
 

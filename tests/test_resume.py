@@ -1,0 +1,87 @@
+"""Exact resume: a run killed (SIGKILL) right after a checkpoint and resumed with `--resume` ends with the same
+rank pattern, rank history, metrics and bit-identical adapter and head as the same run never interrupted.
+
+The interrupted run is a real process (tests/hooked_cli.py kills itself after checkpoint-6 when asked), and so
+is its resumption; the uninterrupted reference runs in-process. All on the tiny local BERT with its dropout on, so that the resumed run also depends on the restored RNG state. The kill lands in
+the middle of the first epoch (8 steps) and of each adaptive schedule, so the resumed run skips batches,
+crosses an epoch boundary and keeps allocating.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adalora_cli import checkpoints, rundir
+from adalora_cli.cli import app
+
+HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = {  # every method's state changes both before and after the kill at step 6 of 12
+    "adalora": ["--set", "adalora.t_init=2", "--set", "adalora.t_final=3", "--set", "adalora.delta_t=1"],
+    "prilora": ["--set", "prilora.prune_interval=2"],
+    "dylora": [],
+}
+
+
+def run_in_process(args):
+    """The uninterrupted reference, run in this process with one thread like the subprocesses (same sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.stderr[-3000:]
+
+
+def run_cli(args, **env):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, str(HOOKED_CLI), *map(str, args)], capture_output=True, text=True,
+                          env=environment)
+
+
+def train_args(model, glue_dir, out, method):
+    return ["train", "--task", "sst2", "--method", method, "--model", model, "--data-dir", glue_dir,
+            "--output-dir", out, "--budget", "4k", "--max-steps", "12", "--batch-size", "8",
+            "--max-train-samples", "64", "--max-eval-samples", "48", "--max-seq-length", "32", "--seed", "3",
+            "--set", "save_steps=3", "--set", "logging_steps=3", *SCHEDULES[method]]
+
+
+@pytest.mark.parametrize("method", list(SCHEDULES))
+def test_killed_then_resumed_run_equals_uninterrupted_run(tiny_bert_dir, glue_dir, tmp_path, method):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_in_process(train_args(tiny_bert_dir, glue_dir, reference, method))
+
+    killed = run_cli(train_args(tiny_bert_dir, glue_dir, resumed, method), ADALORA_TEST_KILL_AFTER_SAVE="6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (resumed / rundir.METRICS).exists()
+    assert checkpoints.last_complete_checkpoint(resumed, True).name == "checkpoint-6"
+    partial = resumed / rundir.CHECKPOINTS / "checkpoint-9"  # as if the kill had hit the next save halfway
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+
+    again = run_cli(["train", "--output-dir", resumed, "--resume"])  # every other setting from config.yaml
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {resumed / rundir.CHECKPOINTS / 'checkpoint-6'}" in again.stderr
+
+    for name in (rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.ADAPTER_CONFIG):
+        assert json.loads((resumed / name).read_text()) == json.loads((reference / name).read_text()), name
+    ours, theirs = (json.loads((d / rundir.METRICS).read_text()) for d in (resumed, reference))
+    assert ours["eval"] == pytest.approx(theirs["eval"], abs=1e-6)
+    for key in ("steps", "adapter_params", "nonzero_adapter_params", "budget"):
+        assert ours[key] == theirs[key], key
+    for name in (rundir.ADAPTER, rundir.HEAD):
+        a, b = rundir.load_tensors(resumed / name), rundir.load_tensors(reference / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logged = [(e["step"], e["grad_norm"]) for e in json.loads((resumed / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]
+    expected = [(e["step"], e["grad_norm"]) for e in json.loads((reference / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]
+    assert logged == expected and len(logged) == 4  # steps 3, 6 (restored from the checkpoint), 9, 12
