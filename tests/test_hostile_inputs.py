@@ -90,6 +90,12 @@ def _missing_head(env: Env) -> list[str]:
     return ["eval", str(run)]
 
 
+def _export_over_existing(env: Env) -> list[str]:
+    (env.tmp / "exported").mkdir()
+    (env.tmp / "exported" / "notes.txt").write_text("mine")
+    return ["export-adapter", str(env.copy_run(env.lora_run)), "--format", "peft", "--out", str(env.tmp / "exported")]
+
+
 def _resume_changed(env: Env) -> list[str]:
     run = env.started_run()
     return ["train", "--output-dir", str(run), "--resume", "--lr", "0.5"]
@@ -158,6 +164,12 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "adapter: empty": (lambda e: _damaged_adapter(e, lambda b: b""), "is corrupt or truncated"),
     "head file missing": (_missing_head, "is missing"),
     "eval: not a run folder": (lambda e: ["eval", str(e.tmp)], "is not a run directory"),
+    # exports
+    "export: over an existing folder": (_export_over_existing, "--overwrite"),
+    "export: unknown format": (lambda e: ["export-adapter", str(e.copy_run(e.lora_run)), "--format", "onnx",
+                                          "--out", str(e.tmp / "x")], "onnx"),
+    "export: rank above r_max": (lambda e: ["export-adapter", str(e.copy_run(e.dylora_run)), "--rank", "9",
+                                            "--format", "peft", "--out", str(e.tmp / "x")], "outside 1..4"),
     # resuming
     "resume: settings changed": (_resume_changed, "setting 'lr' is 0.5 but the run"),
     "resume: no checkpoint": (_resume_without_checkpoint, "no complete checkpoint"),
