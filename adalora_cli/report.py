@@ -150,6 +150,10 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
         _draw_history(ax_hist, alloc)
     if title:
         fig.suptitle(title, fontsize=11)
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> Path:
     path = Path(path)
     with rundir.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -247,7 +251,4 @@ def plot_rank_sweep(by_rank: dict[int, dict[str, float]], path: Path, title: str
     ax.legend(fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    with rundir.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return _save_png(fig, path)
