@@ -147,14 +147,18 @@ def write_report(results: dict, args) -> str:
         "| method | " + " | ".join(args.tasks) + " | average | adapter params |",
         "|---|" + "---|" * (len(args.tasks) + 2),
     ]
+    complete = [s for s in args.seeds if all((t, m, s) in results for t in args.tasks for m in args.methods)]
+    if complete != list(args.seeds):  # an interrupted benchmark: say so above the table
+        note = f"Only seeds {complete} finished for every task and method; the table uses those."
+        lines[-2:-2] = [note, ""]
     for method in args.methods:
         cells, per_seed_average, params = [], [], set()
         for task in args.tasks:
-            scores = [score(results[(task, method, s)]["eval"]) for s in args.seeds]
-            params.update(results[(task, method, s)]["adapter_params"] for s in args.seeds)
+            scores = [score(results[(task, method, s)]["eval"]) for s in complete]
+            params.update(results[(task, method, s)]["adapter_params"] for s in complete)
             spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
             cells.append(f"{statistics.mean(scores):.1f} +- {spread:.1f}")
-        for s in args.seeds:
+        for s in complete:
             per_seed_average.append(statistics.mean(score(results[(t, method, s)]["eval"]) for t in args.tasks))
         spread = statistics.stdev(per_seed_average) if len(per_seed_average) > 1 else 0.0
         span = f"{min(params):,}" if len(params) == 1 else f"{min(params):,} - {max(params):,}"
@@ -203,8 +207,9 @@ def main() -> None:
     if args.peft_job:
         run_peft_adalora(json.loads(args.peft_job), args)
         return
+    # Seed by seed, so that an interrupted benchmark has every task and method for its first seeds.
     jobs = [{"task": t, "method": m, "seed": s, "out": str(Path(args.work_dir) / f"{t}-{m}-{s}")}
-            for t in args.tasks for m in args.methods for s in args.seeds]
+            for s in args.seeds for t in args.tasks for m in args.methods]
     results = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
