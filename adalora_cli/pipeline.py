@@ -29,6 +29,11 @@ def _quiet_datasets() -> None:
     datasets.disable_progress_bars()
 
 
+def configured_task(cfg: RunConfig) -> Task:
+    """The run's task with its task-specific settings applied (doc stride, n-best, ... for SQuAD)."""
+    return get_task(cfg.task).with_settings(**cfg.task_settings())
+
+
 def data_files(cfg: RunConfig, task: Task) -> dict[str, Path]:
     """Split -> local file, from --train-file / --validation-file."""
     files = {}
@@ -138,7 +143,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         raise UserError("no output directory; pass --output-dir")
     out = Path(cfg.output_dir)
     rundir.prepare_output_dir(out, overwrite)
-    task, method, method_cfg = get_task(cfg.task), get_method(cfg.method), cfg.method_config()
+    task, method, method_cfg = configured_task(cfg), get_method(cfg.method), cfg.method_config()
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
 
     hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
@@ -230,7 +235,7 @@ def run_eval(run: Path, data_dir: str | None = None) -> dict[str, float]:
     """Reload a run (or native export) and evaluate it; writes eval.json into the run folder."""
     _quiet_datasets()
     cfg = rundir.read_run_config(run, data_dir)
-    task = get_task(cfg.task)
+    task = configured_task(cfg)
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
     cfg, saved, model, tokenizer, _ = rundir.load_run(run, data_dir)
     if torch.cuda.is_available():
