@@ -18,6 +18,7 @@ from adalora_cli.errors import UserError
 from adalora_cli.methods import available_methods, get_method
 from adalora_cli.tasks import get_task
 from adalora_cli.tasks.squad import answer_tokens, best_answers, read_squad_json
+from adalora_cli.tasks.squad_eval import best_null_thresholds as squad_eval_best
 from adalora_cli.tasks.squad_eval import f1_v1, f1_v2, normalize_answer, squad_v1_scores, squad_v2_scores
 from conftest import SQUAD_DIR
 
@@ -72,6 +73,22 @@ def test_v2_scores_with_unanswerable_questions_by_hand():
     assert scores["NoAns_exact"] == scores["NoAns_f1"] == pytest.approx(50.0)
     assert scores["exact_match"] == pytest.approx(40.0) and scores["f1"] == pytest.approx(100 * 2.8 / 5)
     assert (scores["total"], scores["HasAns_total"], scores["NoAns_total"]) == (5, 3, 2)
+
+
+def test_best_null_thresholds_by_hand():
+    spans = ["Denver Broncos", "Paris", "Broncos of Denver", "Denver", ""]
+    golds = [["Denver Broncos"], [], ["Denver Broncos"], [], ["Santa Clara"]]
+    gaps = [-2.0, 3.0, 1.0, -1.0, float("inf")]  # null score - best span score; inf: no valid span
+    # Answering nothing: the 2 unanswerable questions right. Then by increasing gap: q0 (+1 -> 3, threshold -2),
+    # q3 answers "Denver" to an unanswerable question (-1 -> 2), q2 (+0 exact, +0.8 F1 -> 2 / 2.8), q1 (-1), q4 (0).
+    best = squad_eval_best(spans, gaps, golds)
+    assert best == {"best_exact": 60.0, "best_exact_thresh": -2.0, "best_f1": 60.0, "best_f1_thresh": -2.0}
+    gaps[3] = 2.0  # now q2 comes before q3: 3 + 0.8 = 3.8 at threshold 1 beats 3 for F1, not for exact match
+    assert squad_eval_best(spans, gaps, golds) == {"best_exact": 60.0, "best_exact_thresh": -2.0,
+                                                   "best_f1": pytest.approx(76.0), "best_f1_thresh": 1.0}
+    # All unanswerable and all spans wrong: answering nothing is best, reported at threshold 0.0 as the script does.
+    assert squad_eval_best(["x"], [-5.0], [[]]) == {"best_exact": 100.0, "best_exact_thresh": 0.0,
+                                                    "best_f1": 100.0, "best_f1_thresh": 0.0}
 
 
 def test_v1_scoring_needs_a_gold_answer():
@@ -279,6 +296,8 @@ def test_null_answer_against_threshold(tokenizer, long_example):
     assert task.answers((start, end), long_example, features)[0] == ""  # 7 - 6 > 0
     assert task.with_settings(null_threshold=1.5).answers((start, end), long_example, features)[0] == ANSWER
     assert get_task("squad").answers((start, end), long_example, features)[0] == ANSWER  # v1.1 has no null answer
+    texts, gaps = task.spans((start, end), long_example, features)
+    assert texts[0] == ANSWER and gaps[0] == pytest.approx(1.0)
 
 
 def test_answer_tokens_outside_the_window():
@@ -356,6 +375,7 @@ def test_train_then_eval_reproduces_qa_metrics(tiny_bert_dir, squad_splits, tmp_
     keys = {"exact_match", "f1", "total"}
     if task == "squad_v2":
         keys |= {f"{group}_{name}" for group in ("HasAns", "NoAns") for name in ("exact", "f1", "total")}
+        keys |= {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}
     assert set(metrics["eval"]) == keys and metrics["eval"]["total"] == 40
     assert 0 <= metrics["eval"]["exact_match"] <= metrics["eval"]["f1"] <= 100
     assert metrics["steps"] == 4 and metrics["task"] == task

@@ -16,7 +16,8 @@ ends lie in the context, end >= start and it is at most `max_answer_length` toke
 start + end logit. The best valid span over all windows of a question is mapped back to the original
 context text through the tokenizer's character offsets. For v2.0 the null score is the smallest
 [CLS] start + end logit over the windows, and the answer is "" (no answer) when
-null score - best span score > `null_threshold`.
+null score - best span score > `null_threshold`. The v2.0 metrics add the official script's `best_exact` /
+`best_f1` and the thresholds that reach them (tuned on the evaluation set itself: an upper bound, not a score).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from adalora_cli.errors import UserError
 from adalora_cli.tasks import Task, register_task
-from adalora_cli.tasks.squad_eval import squad_v1_scores, squad_v2_scores
+from adalora_cli.tasks.squad_eval import best_null_thresholds, squad_v1_scores, squad_v2_scores
 
 NULL_INDEX = 0  # the no-answer position: the first token, [CLS] (<s> for RoBERTa) for every preset architecture
 
@@ -207,17 +208,25 @@ class SquadTask(Task):
 
     # -- answers and metrics ---------------------------------------------------------------------------
 
+    def spans(self, predictions, raw, features) -> tuple[list[str], list[float]]:
+        """The best span text of every question in `raw`, and its null gap (see `best_spans`)."""
+        start_logits, end_logits = predictions[0], predictions[1]
+        return best_spans(start_logits, end_logits, list(features["example_index"]), list(features["offset_mapping"]),
+                          list(raw["context"]), n_best=self.n_best, max_answer_length=self.max_answer_length)
+
     def answers(self, predictions, raw, features) -> list[str]:
         """The predicted answer text of every question in `raw` ("" for no answer)."""
-        start_logits, end_logits = predictions[0], predictions[1]
-        return best_answers(start_logits, end_logits, list(features["example_index"]), list(features["offset_mapping"]),
-                            list(raw["context"]), n_best=self.n_best, max_answer_length=self.max_answer_length,
-                            null_threshold=self.null_threshold if self.spec.unanswerable else None)
+        texts, gaps = self.spans(predictions, raw, features)
+        return with_null_answers(texts, gaps, self.null_threshold) if self.spec.unanswerable else texts
 
     def compute_metrics(self, predictions, raw, features):
-        predicted = self.answers(predictions, raw, features)
+        texts, gaps = self.spans(predictions, raw, features)
         golds = [answer["text"] for answer in raw["answers"]]
-        return (squad_v2_scores if self.spec.unanswerable else squad_v1_scores)(predicted, golds)
+        if not self.spec.unanswerable:
+            return squad_v1_scores(texts, golds)
+        metrics = squad_v2_scores(with_null_answers(texts, gaps, self.null_threshold), golds)
+        metrics.update(best_null_thresholds(texts, gaps, golds))
+        return metrics
 
 
 def answer_tokens(sequence_ids: list, offsets: list, start_char: int, end_char: int) -> tuple[int, int] | None:
@@ -231,15 +240,14 @@ def answer_tokens(sequence_ids: list, offsets: list, start_char: int, end_char: 
     return start, end
 
 
-def best_answers(start_logits: np.ndarray, end_logits: np.ndarray, example_index: list[int], offsets: list,
-                 contexts: list[str], n_best: int = 20, max_answer_length: int = 30,
-                 null_threshold: float | None = None) -> list[str]:
-    """The best valid span of every example over all its windows, as context text.
+def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, example_index: list[int], offsets: list,
+               contexts: list[str], n_best: int = 20, max_answer_length: int = 30) -> tuple[list[str], list[float]]:
+    """The best valid span of every example over all its windows, as context text, and its null gap.
 
     `offsets[f][t]` is the character span of token t of window f in its context, or None outside the
-    context. With `null_threshold` (v2.0) an example answers "" when its null score (smallest
-    start + end logit at NULL_INDEX over its windows) exceeds the best span score by more than it.
-    Logit rows may be longer than their window (padding, -inf): those positions are never valid.
+    context. The null gap is the example's null score (smallest start + end logit at NULL_INDEX over its
+    windows) minus its best span score (+inf, with text "", when no span is valid). Logit rows may be
+    longer than their window (padding, -inf): those positions are never valid.
     """
     best: dict[int, tuple[float, str]] = {}
     null: dict[int, float] = {}
@@ -262,13 +270,26 @@ def best_answers(start_logits: np.ndarray, end_logits: np.ndarray, example_index
         if example not in best or score > best[example][0]:
             first, last = window[starts[i]], window[ends[j]]
             best[example] = (score, contexts[example][first[0]:last[1]])
-    answers = []
+    texts, gaps = [], []
     for example in range(len(contexts)):
         score, text = best.get(example, (-np.inf, ""))
-        if null_threshold is not None and example in null and null[example] - score > null_threshold:
-            text = ""
-        answers.append(text)
-    return answers
+        texts.append(text)
+        gaps.append(float(null.get(example, np.inf) - score) if example in best else np.inf)
+    return texts, gaps
+
+
+def with_null_answers(texts: list[str], gaps: list[float], null_threshold: float) -> list[str]:
+    """v2.0 answers: "" wherever the null score beats the best span by more than `null_threshold`."""
+    return ["" if gap > null_threshold else text for text, gap in zip(texts, gaps)]
+
+
+def best_answers(start_logits: np.ndarray, end_logits: np.ndarray, example_index: list[int], offsets: list,
+                 contexts: list[str], n_best: int = 20, max_answer_length: int = 30,
+                 null_threshold: float | None = None) -> list[str]:
+    """The answer text of every example: its best span (`best_spans`), or with `null_threshold` (v2.0) ""
+    when the null score exceeds the best span score by more than the threshold."""
+    texts, gaps = best_spans(start_logits, end_logits, example_index, offsets, contexts, n_best, max_answer_length)
+    return texts if null_threshold is None else with_null_answers(texts, gaps, null_threshold)
 
 
 for _spec in SPECS:

@@ -9,7 +9,8 @@ They differ in two places, kept apart here because the numbers differ:
   strings (exact match of two empty strings is still 1).
 - v2.0 drops gold answers that normalise to nothing; an unanswerable question (no gold answers left) has
   the single gold answer "", and F1 between token lists where either is empty is 1 if both are empty,
-  else 0. It also reports the `HasAns_` and `NoAns_` breakdowns (answerable / unanswerable questions).
+  else 0. It also reports the `HasAns_` and `NoAns_` breakdowns (answerable / unanswerable questions) and,
+  given each question's no-answer odds, the best exact match / F1 over all no-answer thresholds.
 Plain Python: no network, no `evaluate` library.
 """
 
@@ -103,3 +104,31 @@ def _averages(prefix: str, scores: list[tuple[int, float]]) -> dict[str, float]:
         prefix + "f1": 100.0 * sum(f for _, f in scores) / len(scores),
         prefix + "total": len(scores),
     }
+
+
+def best_null_thresholds(spans: list[str], null_gaps: list[float], golds: list[list[str]]) -> dict[str, float]:
+    """`best_exact`, `best_f1` (0-100) and the thresholds reaching them, as the v2.0 script computes them
+    from a prediction that always answers (`spans`) and the no-answer odds (`null_gaps`).
+
+    A question is answered with its span when its gap is at most the threshold, else with "". Starting from
+    every question unanswered, questions are taken in order of increasing gap: an answerable one gains its
+    span's score, an unanswerable one loses 1 if its span is non-empty; the best running total wins (first
+    reached; threshold 0.0 when answering nothing is best, as in the script). The thresholds are tuned on
+    the evaluation set itself: an upper bound for the `null_threshold` setting, not a held-out score.
+    """
+    metrics: dict[str, float] = {}
+    answerable = [bool(answers) for answers in golds]
+    for name, score in (("exact", exact_match), ("f1", f1_v2)):
+        total = best = float(answerable.count(False))
+        threshold = 0.0
+        for i in sorted(range(len(spans)), key=lambda k: null_gaps[k]):
+            if answerable[i]:
+                kept = [a for a in golds[i] if normalize_answer(a)] or [""]
+                total += max(score(spans[i], a) for a in kept)
+            elif spans[i]:
+                total -= 1
+            if total > best:
+                best, threshold = total, null_gaps[i]
+        metrics[f"best_{name}"] = 100.0 * best / len(spans) if spans else 0.0
+        metrics[f"best_{name}_thresh"] = threshold
+    return metrics
