@@ -7,7 +7,7 @@ answers {text, answer_start}; an unanswerable v2.0 question has empty answer lis
 
 Features: the question, then a window of the context, `max_seq_length` tokens in all. A context that does
 not fit is split into overlapping windows sharing `doc_stride` tokens (the Hugging Face tokenizer's
-`stride`, as in the paper's run_qa.py; the original BERT code used the step between windows instead).
+`stride`, as in Hugging Face's run_qa.py example; the original BERT code used the step between windows).
 A training window whose context does not hold the whole answer, and every window of an unanswerable
 question, points at the first token ([CLS]).
 
