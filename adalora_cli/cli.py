@@ -51,7 +51,7 @@ app = typer.Typer(
 )
 
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory written by `adalora train`.")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Local data folder (GLUE TSVs); default: the hub.")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Local data folder (GLUE TSVs, SQuAD JSON); default: the hub.")]
 
 
 def user_errors(command):
@@ -95,8 +95,8 @@ def _setup_logging() -> None:
 @app.command()
 @user_errors
 def train(
-    task: Annotated[Optional[str], typer.Option(help="GLUE task (sst2, mnli, ...).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora, adalora or full (see `adalora methods`).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="sst2, mnli, ..., squad, squad_v2 (see `adalora tasks`).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora, adalora, prilora, dylora or full (see `adalora methods`).")] = None,
     budget: Annotated[Optional[str], typer.Option(help="Adapter parameters at the end: 300000, 300k, 0.3M.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hub id, local folder, or minilm-l6 (embedded).")] = None,
     data_dir: DataDirOpt = None,
@@ -109,6 +109,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per device per micro-batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the method's).")] = None,
     max_seq_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default: the task's).")] = None,
+    doc_stride: Annotated[Optional[int], typer.Option(help="SQuAD: tokens shared by context windows (default 128).")] = None,
     gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per step.")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training rows.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation rows.")] = None,

@@ -50,6 +50,10 @@ class RunConfig:
     logging_steps: int = 10
     save_steps: int = 500
     gradient_checkpointing: bool = False
+    doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
+    n_best: int = 20  # question answering: start and end candidates per window
+    max_answer_length: int = 30  # question answering: longest answer, in tokens
+    null_threshold: float = 0.0  # SQuAD v2.0: answer "" when null score - best span score exceeds it
     trust_remote_code: bool = False
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})  # per section
     trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments
@@ -64,6 +68,10 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    def task_settings(self) -> dict[str, Any]:
+        """The settings handed to the task (`Task.with_settings`); tasks that have none ignore them."""
+        return {key: getattr(self, key) for key in ("doc_stride", "n_best", "max_answer_length", "null_threshold")}
+
     def validate(self) -> None:
         from adalora_cli.methods import available_methods
         from adalora_cli.tasks import get_task
@@ -76,10 +84,13 @@ class RunConfig:
                 raise UserError(f"unknown config section {section!r}; method sections: {', '.join(available_methods())}")
             self.method_config(section)
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+        positive += ("n_best", "max_answer_length")
         for key in positive + ("max_steps", "max_seq_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise UserError(f"{key} must be at least 1, got {value}; give a positive whole number")
+        if self.doc_stride < 0:
+            raise UserError(f"doc_stride must be 0 or more, got {self.doc_stride}; give e.g. --doc-stride 128")
         if self.epochs <= 0 and self.max_steps is None:
             raise UserError(f"epochs must be positive, got {self.epochs}; give e.g. --epochs 3 or --max-steps")
         if self.lr is not None and self.lr <= 0:

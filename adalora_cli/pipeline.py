@@ -30,6 +30,11 @@ def _quiet_datasets() -> None:
     datasets.disable_progress_bars()
 
 
+def configured_task(cfg: RunConfig) -> Task:
+    """The run's task with its task-specific settings applied (doc stride, n-best, ... for SQuAD)."""
+    return get_task(cfg.task).with_settings(**cfg.task_settings())
+
+
 def data_files(cfg: RunConfig, task: Task) -> dict[str, Path]:
     """Split -> local file, from --train-file / --validation-file."""
     files = {}
@@ -153,7 +158,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     out = Path(cfg.output_dir)
-    task, method, method_cfg = get_task(cfg.task), get_method(cfg.method), cfg.method_config()
+    task, method, method_cfg = configured_task(cfg), get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
     resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
     if not resume:
@@ -304,7 +309,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
     """
     _quiet_datasets()
     cfg = rundir.read_run_config(run, data_dir)
-    task = get_task(cfg.task)
+    task = configured_task(cfg)
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
     saved = rundir.read_adapter_config(run)
     method = get_method(saved.method)

@@ -35,6 +35,11 @@ class Task:
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
 
+    def with_settings(self, **settings: Any) -> "Task":
+        """This task with a run's task-specific settings (RunConfig.task_settings: doc stride, n-best...)
+        applied, as a copy: registered tasks stay untouched. Tasks without such settings ignore them."""
+        return self
+
     def config_overrides(self) -> dict[str, Any]:
         """Extra fields for the model config (problem type, label names)."""
         return {}
@@ -86,3 +91,4 @@ def available_tasks() -> list[str]:
 
 
 from adalora_cli.tasks import glue  # noqa: E402,F401  (registers the GLUE tasks)
+from adalora_cli.tasks import squad  # noqa: E402,F401  (registers squad and squad_v2)
