@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 TASKS = ["sst2", "mrpc", "stsb", "rte", "cola"]
 METHODS = ["lora", "adalora", "prilora", "dylora", "peft-adalora"]
+NOTES = "\n## Notes"  # where the generated part of BENCHMARKS.md ends and the hand-written notes begin
 
 
 def score(metrics: dict[str, float]) -> float:
@@ -226,7 +227,9 @@ def main() -> None:
             save_runs(results, out)  # after every run: an interrupted benchmark keeps what it measured
     save_runs(results, out)
     report = write_report(results, args)
-    out.write_text(report)
+    old = out.read_text() if out.is_file() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written analysis below the table survives
+    out.write_text(report + ("\n" + notes if notes else ""))
     print(report)
 
 

@@ -69,8 +69,21 @@ def train(job: dict, args) -> dict:
             command += ["--set", f"{key}={value}"]
         subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     metrics = json.loads((out / "metrics.json").read_text())
+    if args.rank_sweep:  # score an any-rank adapter by its mean over ranks 1..r_max (its worst in the log)
+        if not (out / "eval_ranks.json").is_file():
+            subprocess.run([sys.executable, "-m", "adalora_cli", "eval", str(out), "--rank-sweep"], check=True,
+                           capture_output=True, text=True, cwd=ROOT)
+        by_rank = {r: score(m) for r, m in json.loads((out / "eval_ranks.json").read_text()).items()}
+        metrics["by_rank"] = by_rank
+        print(f"{job['task']:6s} seed {job['seed']} {job['point']}: ranks " +
+              " ".join(f"{r}:{v:.1f}" for r, v in by_rank.items()), flush=True)
     print(f"{job['task']:6s} seed {job['seed']} {job['point']}: {score(metrics['eval']):.2f}", flush=True)
     return metrics
+
+
+def run_score(metrics: dict) -> float:
+    """A run's task score; for a rank sweep, the mean over its ranks."""
+    return statistics.mean(metrics["by_rank"].values()) if "by_rank" in metrics else score(metrics["eval"])
 
 
 def main() -> None:
@@ -89,6 +102,8 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=1000, help="training rows held out for scoring (0: dev set)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", help="write every run's metrics here (JSON)")
+    parser.add_argument("--rank-sweep", action="store_true",
+                        help="any-rank methods (dylora): score each run by its mean over ranks 1..r_max")
     args = parser.parse_args()
     args.eval_data = Path(args.data_dir)
     if args.holdout:
@@ -107,7 +122,7 @@ def main() -> None:
     print(f"{args.method}, {args.steps} steps, budget {args.budget}, seeds {args.seeds}, scored on {scored_on}")
     print("point".ljust(40) + "".join(f"{t:>9s}" for t in args.tasks) + "  average")
     for i, point in enumerate(points):
-        by_task = {t: statistics.mean(score(r["eval"]) for j, r in zip(jobs, results)
+        by_task = {t: statistics.mean(run_score(r) for j, r in zip(jobs, results)
                                       if j["index"] == i and j["task"] == t) for t in args.tasks}
         label = " ".join(f"{k}={v}" for k, v in point.items()) or "defaults"
         print(label.ljust(40) + "".join(f"{by_task[t]:9.2f}" for t in args.tasks) +

@@ -156,7 +156,7 @@ register_method(
         name="dylora",
         summary="DyLoRA: one rank drawn per step, the adapter works at any rank up to r_max afterwards",
         config_cls=DyLoraConfig,
-        default_lr=1e-3,
+        default_lr=5e-4,
         plan=plan_nested,
         make_layer=make_layer,
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,
