@@ -235,6 +235,7 @@ def test_hostile_input(env, runs, case):
     assert "Traceback" not in result.stdout + result.stderr
     assert tree(env.tmp) == before, "files were created, changed or removed"
     assert [tree(r) for r in runs] == runs_before
+    print(f"| {case} | {lines[0]} |")  # the table of cases and messages, with `pytest -s`
 
 
 @pytest.mark.parametrize("case", ["unknown option", "data: not UTF-8", "adapter: truncated", "budget: too small"])

@@ -390,6 +390,37 @@ def test_train_then_eval_reproduces_qa_metrics(tiny_bert_dir, squad_splits, tmp_
     assert json.loads((out / "eval.json").read_text())["eval"] == pytest.approx(metrics["eval"], abs=1e-6)
 
 
+def test_qa_exports_load_as_question_answering_models(tiny_bert_dir, squad_splits, tmp_path):
+    """PEFT export -> peft on AutoModelForQuestionAnswering, merged export -> plain Transformers: our logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForQuestionAnswering
+
+    run = tmp_path / "run"
+    train_qa(tiny_bert_dir, squad_splits["v1"], run, "squad", "adalora")
+    _, _, ours, tokenizer, _ = rundir.load_run(run)
+    batch = tokenizer(["Who won?", "Where was it played?"],
+                      ["The Denver Broncos won the game.", "It was played at Levi's Stadium in California."],
+                      padding=True, return_tensors="pt")
+    for fmt in ("peft", "merged"):
+        result = runner.invoke(app, ["export-adapter", str(run), "--format", fmt, "--out", str(tmp_path / fmt)])
+        assert result.exit_code == 0, result.stderr + result.stdout
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == "QUESTION_ANS"
+    base = AutoModelForQuestionAnswering.from_pretrained(config["base_model_name_or_path"])
+    # PeftModelForQuestionAnswering.forward accepts token_type_ids but does not pass them on (peft 0.21), which
+    # changes a BERT's output; its base_model (the LoRA-wrapped Transformers model) passes everything.
+    theirs = {"peft": PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval().base_model,
+              "merged": AutoModelForQuestionAnswering.from_pretrained(tmp_path / "merged").eval()}
+    with torch.no_grad():
+        expected = ours.eval()(**batch)
+        for fmt, model in theirs.items():
+            got = model(**batch)
+            for name in ("start_logits", "end_logits"):
+                torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-4, rtol=0,
+                                           msg=f"{fmt} {name}")
+
+
 def test_cli_reports_bad_squad_files_in_one_line(tiny_bert_dir, tmp_path):
     bad = write(tmp_path / "bad.json", "{oops")
     out = tmp_path / "out"
