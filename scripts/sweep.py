@@ -69,7 +69,7 @@ def train(job: dict, args) -> dict:
             command += ["--set", f"{key}={value}"]
         subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     metrics = json.loads((out / "metrics.json").read_text())
-    if args.rank_sweep:  # score an any-rank adapter by its mean over ranks 1..r_max (its worst in the log)
+    if args.rank_sweep:  # score an any-rank adapter by its mean over ranks 1..r_max (every rank printed)
         if not (out / "eval_ranks.json").is_file():
             subprocess.run([sys.executable, "-m", "adalora_cli", "eval", str(out), "--rank-sweep"], check=True,
                            capture_output=True, text=True, cwd=ROOT)
