@@ -177,22 +177,27 @@ def machine(args) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
+def add_run_options(parser: argparse.ArgumentParser, steps: int, work_dir: Path) -> None:
+    """The options every benchmark run shares (also used by sweep.py)."""
+    parser.add_argument("--budget", default="0.3M")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--work-dir", default=str(work_dir))
+    parser.add_argument("--workers", type=int, default=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", default="0.3M")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_quality"))
+    add_run_options(parser, steps=600, work_dir=ROOT / "runs" / "bench_quality")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--max-train-samples", type=int, help="first N training rows only (default steps x batch)")
     parser.add_argument("--max-eval-samples", type=int, help="first N dev rows only")
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have metrics.json")
     parser.add_argument("--tiny", action="store_true", help="one task, one seed, a few steps (smoke test)")

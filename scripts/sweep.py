@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import score  # noqa: E402
+from bench_quality import add_run_options, score  # noqa: E402
 
 from adalora_cli.tasks.glue import SPECS  # noqa: E402
 
@@ -92,15 +92,8 @@ def main() -> None:
     parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
     parser.add_argument("--tasks", nargs="+", default=["sst2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--budget", default="0.3M")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "sweep"))
+    add_run_options(parser, steps=300, work_dir=ROOT / "runs" / "sweep")
     parser.add_argument("--holdout", type=int, default=1000, help="training rows held out for scoring (0: dev set)")
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", help="write every run's metrics here (JSON)")
     parser.add_argument("--rank-sweep", action="store_true",
                         help="any-rank methods (dylora): score each run by its mean over ranks 1..r_max")

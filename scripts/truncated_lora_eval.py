@@ -19,8 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_cli import rundir  # noqa: E402
-from adalora_cli.pipeline import evaluate  # noqa: E402
-from adalora_cli.tasks import get_task  # noqa: E402
+from adalora_cli.pipeline import configured_task, evaluate  # noqa: E402
 
 
 def truncate(layers: dict, rank: int, alpha: float | None) -> None:
@@ -49,7 +48,7 @@ def main() -> None:
         if saved.method != "lora":
             raise SystemExit(f"{args.run} is a {saved.method} run; this baseline is for plain LoRA runs")
         truncate(layers, rank, None if args.keep_scale else cfg.method_config().alpha)
-        results[rank] = evaluate(model, tokenizer, get_task(saved.task), cfg)
+        results[rank] = evaluate(model, tokenizer, configured_task(cfg), cfg)
         print(f"rank {rank}: {results[rank]}", flush=True)
     print(json.dumps(results))
 

@@ -90,3 +90,18 @@ def glue_dir() -> Path:
     if not (GLUE_DIR / "SST-2" / "dev.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     return GLUE_DIR
+
+
+def train_tiny(method: str, *args: str) -> None:
+    """`adalora train --method METHOD ARGS` in-process, with a 4k budget for adapter methods unless ARGS give
+    one; fails the test unless it succeeds."""
+    from typer.testing import CliRunner
+
+    from adalora_cli.cli import app
+    from adalora_cli.methods import get_method
+
+    command = ["train", "--method", method, *map(str, args)]
+    if get_method(method).adapter and "--budget" not in command:
+        command += ["--budget", "4k"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.stderr + result.stdout

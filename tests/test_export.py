@@ -15,7 +15,7 @@ from adalora_cli.cli import app
 from adalora_cli.errors import UserError
 from adalora_cli.methods import available_methods, get_method
 from adalora_cli.methods.base import LoraFactors
-from conftest import tiny_config
+from conftest import tiny_config, train_tiny
 
 runner = CliRunner()
 
@@ -24,14 +24,9 @@ TEXTS = ["a gripping, beautifully acted film", "dull and far too long", "it is w
 
 
 def train(model_dir, glue_dir, out, method, *extra):
-    args = ["train", "--task", "sst2", "--method", method, "--model", str(model_dir), "--data-dir", str(glue_dir),
-            "--output-dir", str(out), "--max-steps", "6", "--batch-size", "8", "--max-train-samples", "64",
-            "--max-eval-samples", "48", "--max-seq-length", "32", "--set", "adalora.t_init=1",
-            "--set", "adalora.t_final=2", *extra]
-    if get_method(method).adapter and "--budget" not in extra:
-        args += ["--budget", "4k"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.stderr + result.stdout
+    train_tiny(method, "--task", "sst2", "--model", model_dir, "--data-dir", glue_dir, "--output-dir", out,
+               "--max-steps", "6", "--batch-size", "8", "--max-train-samples", "64", "--max-eval-samples", "48",
+               "--max-seq-length", "32", "--set", "adalora.t_init=1", "--set", "adalora.t_final=2", *extra)
     return out
 
 

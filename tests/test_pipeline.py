@@ -9,18 +9,15 @@ from typer.testing import CliRunner
 from adalora_cli import rundir
 from adalora_cli.cli import app
 from adalora_cli.methods import available_methods, get_method
+from conftest import train_tiny
 
 runner = CliRunner()
 
 
 def train(tiny_bert_dir, glue_dir, out, method, *extra):
-    args = ["train", "--task", "sst2", "--method", method, "--model", tiny_bert_dir, "--data-dir", str(glue_dir),
-            "--output-dir", str(out), "--max-steps", "6", "--batch-size", "8", "--max-train-samples", "64",
-            "--max-eval-samples", "48", "--max-seq-length", "32", "--set", "logging_steps=2", *extra]
-    if get_method(method).adapter:
-        args += ["--budget", "4k"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.stderr + result.stdout
+    train_tiny(method, "--task", "sst2", "--model", tiny_bert_dir, "--data-dir", glue_dir, "--output-dir", out,
+               "--max-steps", "6", "--batch-size", "8", "--max-train-samples", "64", "--max-eval-samples", "48",
+               "--max-seq-length", "32", "--set", "logging_steps=2", *extra)
     return json.loads((out / rundir.METRICS).read_text())
 
 

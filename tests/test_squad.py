@@ -20,7 +20,7 @@ from adalora_cli.tasks import get_task
 from adalora_cli.tasks.squad import answer_tokens, best_answers, read_squad_json
 from adalora_cli.tasks.squad_eval import best_null_thresholds as squad_eval_best
 from adalora_cli.tasks.squad_eval import f1_v1, f1_v2, normalize_answer, squad_v1_scores, squad_v2_scores
-from conftest import SQUAD_DIR
+from conftest import SQUAD_DIR, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -356,14 +356,10 @@ def squad_splits(tmp_path_factory):
 
 
 def train_qa(model_dir, files, out, task, method, *extra):
-    args = ["train", "--task", task, "--method", method, "--model", model_dir, "--train-file", str(files[0]),
-            "--validation-file", str(files[1]), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "8",
-            "--max-train-samples", "64", "--max-eval-samples", "40", "--max-seq-length", "96", "--doc-stride", "32",
-            "--set", "logging_steps=2", "--set", "adalora.t_init=1", "--set", "adalora.t_final=1", *extra]
-    if get_method(method).adapter:
-        args += ["--budget", "4k"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.stderr + result.stdout
+    train_tiny(method, "--task", task, "--model", model_dir, "--train-file", files[0], "--validation-file", files[1],
+               "--output-dir", out, "--max-steps", "4", "--batch-size", "8", "--max-train-samples", "64",
+               "--max-eval-samples", "40", "--max-seq-length", "96", "--doc-stride", "32", "--set", "logging_steps=2",
+               "--set", "adalora.t_init=1", "--set", "adalora.t_final=1", *extra)
     return json.loads((out / rundir.METRICS).read_text())
 
 
