@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.errors import UserError
 
 logger = logging.getLogger("adalora_cli")
@@ -72,18 +72,18 @@ def save_allocator_state(folder: Path, state: dict[str, Any], world_size: int = 
     folder = Path(folder)
     tensors: dict[str, Any] = {}
     skeleton = _split(state, "", tensors)
-    rundir.save_tensors(folder / ALLOCATOR_TENSORS, tensors, metadata={"format": rundir.FORMAT})
-    rundir.write_json(folder / ALLOCATOR_STATE, {"format": rundir.FORMAT, "world_size": world_size, "state": skeleton})
+    files.save_tensors(folder / ALLOCATOR_TENSORS, tensors, metadata={"format": rundir.FORMAT})
+    files.write_json(folder / ALLOCATOR_STATE, {"format": rundir.FORMAT, "world_size": world_size, "state": skeleton})
 
 
 def load_allocator_state(folder: Path) -> tuple[dict[str, Any], int]:
     """The allocator state saved in a checkpoint folder, and the number of processes that wrote it."""
     folder = Path(folder)
-    data = rundir.read_json(folder / ALLOCATOR_STATE)
+    data = files.read_json(folder / ALLOCATOR_STATE)
     if not isinstance(data, dict) or data.get("format") != rundir.FORMAT or "state" not in data:
         raise UserError(f"{folder / ALLOCATOR_STATE} was not written by adalora-cli; the checkpoint is damaged, "
                         "remove that checkpoint folder and resume again")
-    tensors = rundir.load_tensors(folder / ALLOCATOR_TENSORS)
+    tensors = files.load_tensors(folder / ALLOCATOR_TENSORS)
     return _join(data["state"], tensors), int(data.get("world_size", 1))
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from adalora_cli.errors import TrainingFailed, UserError
+from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 
 
 class OneLineErrors(TyperGroup):
@@ -28,7 +28,7 @@ class OneLineErrors(TyperGroup):
         except Exception as exc:  # click's exception classes live in typer's own copy of click: match by shape
             if type(exc).__name__ == "Abort":
                 typer.echo("adalora: aborted", err=True)
-                sys.exit(1)
+                sys.exit(130)
             if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
                 raise
             if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help is the answer
@@ -55,7 +55,8 @@ DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Local dat
 
 
 def user_errors(command):
-    """Print a UserError as one line on stderr and exit with code 2 (TrainingFailed: code 1); no traceback."""
+    """Print a UserError as one line on stderr and exit with code 2 (TrainingFailed: code 1); no traceback.
+    A run stopped by a signal prints where it stopped and exits with 128 + the signal number."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -65,6 +66,12 @@ def user_errors(command):
         except (UserError, TrainingFailed) as exc:
             typer.echo(f"adalora: error: {exc}", err=True)
             raise typer.Exit(2 if isinstance(exc, UserError) else 1) from None
+        except Interrupted as exc:
+            typer.echo(f"adalora: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("adalora: aborted", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -114,6 +121,8 @@ def train(
     max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training rows.")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation rows.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 or fp16 autocast on a GPU, fp32 on CPU), "
+                                                     "fp32, bf16 or fp16.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations.")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option(help="Allow model code from the hub.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
@@ -188,20 +197,20 @@ def inspect(run: RunDirArg) -> None:
 @user_errors
 def methods() -> None:
     """List the registered methods."""
-    from adalora_cli.methods import _METHODS
+    from adalora_cli.methods import available_methods, get_method
 
-    for name, method in sorted(_METHODS.items()):
-        typer.echo(f"{name:10s} {method.summary}")
+    for name in available_methods():
+        typer.echo(f"{name:10s} {get_method(name).summary}")
 
 
 @app.command()
 @user_errors
 def tasks() -> None:
     """List the registered tasks."""
-    from adalora_cli.tasks import _TASKS
+    from adalora_cli.tasks import available_tasks, get_task
 
-    for name, task in sorted(_TASKS.items()):
-        typer.echo(f"{name:10s} {', '.join(task.metric_names)}")
+    for name in available_tasks():
+        typer.echo(f"{name:10s} {', '.join(get_task(name).metric_names)}")
 
 
 if __name__ == "__main__":

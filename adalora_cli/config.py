@@ -20,6 +20,7 @@ import yaml
 
 from adalora_cli.budget import parse_budget
 from adalora_cli.errors import UserError
+from adalora_cli.files import atomic_write_text
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
 
@@ -50,6 +51,7 @@ class RunConfig:
     logging_steps: int = 10
     save_steps: int = 500
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto, fp32, bf16 or fp16 (devices.resolve_precision)
     doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
     n_best: int = 20  # question answering: start and end candidates per window
     max_answer_length: int = 30  # question answering: longest answer, in tokens
@@ -97,6 +99,10 @@ class RunConfig:
             raise UserError(f"lr must be positive, got {self.lr}; give e.g. --lr 1e-3")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; give a fraction such as 0.06")
+        from adalora_cli.devices import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise UserError(f"data directory {self.data_dir} does not exist; pass the folder that holds the task's files")
 
@@ -273,6 +279,4 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def dump_yaml(data: dict[str, Any], path: Path) -> None:
-    from adalora_cli.rundir import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.errors import UserError
 
 logger = logging.getLogger("adalora_cli")
@@ -196,8 +196,8 @@ def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None
     params = dict(model.named_parameters())
     for name in saved.head:
         tensors[PEFT_PREFIX + name] = params[name]
-    rundir.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
-    rundir.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, kept))
+    files.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+    files.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, kept))
 
 
 # -- merged ----------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def _remove_if_empty(folder: Path) -> None:
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished export into place; an existing `out` (with --overwrite) is removed only after.
     Temporary names are created private (mode 0600/0700): give the export the user's usual modes."""
-    umask = rundir.current_umask()
+    umask = files.current_umask()
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():

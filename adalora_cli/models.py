@@ -52,10 +52,45 @@ def _quiet_transformers():
         transformers.utils.logging.enable_progress_bar()
 
 
-def _load_error(name: str, exc: Exception) -> UserError:
+SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model", "sentencepiece.bpe.model", "spiece.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt") + SENTENCEPIECE_FILES
+
+
+def _missing_sentencepiece() -> list[str]:
+    """The packages a SentencePiece tokenizer needs that are not installed."""
+    import importlib.util
+
+    needed = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+    missing = []
+    for module, package in needed.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package (google) is missing
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
+    """One line naming why `name` could not be loaded, with the fix for that cause."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    folder = Path(resolve_model(name)).expanduser()
+    missing = _missing_sentencepiece()
+    if what == "tokenizer" and missing:
+        has_spm = folder.is_dir() and any((folder / f).is_file() for f in SENTENCEPIECE_FILES)
+        if has_spm or not folder.is_dir():
+            source = f"model folder {name!r} holds" if has_spm else f"model {name!r} may use"
+            return UserError(f"{source} a SentencePiece tokenizer, which needs the package(s) {' and '.join(missing)} "
+                             f"(not installed); run: pip install {' '.join(missing)}")
+    if folder.is_dir():
+        if what == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return UserError(f"model folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                             "save the tokenizer into it with tokenizer.save_pretrained(folder)")
+        return UserError(f"cannot load the {what} in model folder {name!r} ({first_line}); check that the folder "
+                         "holds a complete Transformers checkpoint (config.json, weights, tokenizer files)")
     return UserError(
-        f"cannot load model {name!r} ({first_line}); give a local model folder, a hub id while online, "
+        f"cannot load {what} {name!r} ({first_line}); give a local model folder, a hub id while online, "
         "or --model minilm-l6 for the embedded MiniLM-L6"
     )
 
@@ -86,18 +121,25 @@ def skeleton(config, kind: str):
 
 
 def load_model(name: str, config, kind: str, trust_remote_code: bool = False):
-    """Pretrained weights with a fresh task head. Returns (model, names of the head's parameters).
+    """Pretrained weights, in float32, with a fresh task head. Returns (model, names of the head's parameters).
 
     The head is the classifier / QA output layer plus whatever the checkpoint lacked (DeBERTa's
     pooler, for one): those start random and must train with every method.
+
+    float32 whatever the checkpoint holds: transformers 5 loads `dtype="auto"`, and checkpoints such as
+    microsoft/deberta-v3-base are stored in float16 with no dtype in their config, which would make the
+    model, its adapters, their optimizer state and AdaLoRA's importance averages float16 (scores underflow,
+    and fp16 loss scaling refuses to unscale float16 gradients). Mixed precision is autocast, on top.
     """
+    import torch
     import transformers
 
     auto = getattr(transformers, MODEL_CLASSES[kind])
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(
-                resolve_model(name), config=config, output_loading_info=True, trust_remote_code=trust_remote_code
+                resolve_model(name), config=config, output_loading_info=True, trust_remote_code=trust_remote_code,
+                dtype=torch.float32,
             )
     except UserError:
         raise
@@ -116,5 +158,5 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
     except UserError:
         raise
-    except (OSError, ValueError) as exc:
-        raise _load_error(name_or_path, exc) from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise _load_error(name_or_path, exc, "tokenizer") from None

@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from adalora_cli import checkpoints, distributed, models, rundir
+from adalora_cli import checkpoints, devices, distributed, files, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
-from adalora_cli.errors import TrainingFailed, UserError
+from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task, get_task
@@ -61,7 +62,8 @@ def max_length(cfg: RunConfig, task: Task, tokenizer) -> int:
     return min(wanted, limit) if isinstance(limit, int) and limit > 0 else wanted
 
 
-def training_arguments(cfg: RunConfig, output_dir: Path, lr: float):
+def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: str, adapter: bool):
+    """The Trainer's arguments for a run; `precision` is resolved (fp32, bf16 or fp16)."""
     from transformers import TrainingArguments
 
     settings: dict[str, Any] = dict(
@@ -82,7 +84,11 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float):
         data_seed=cfg.seed,
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        logging_nan_inf_filter=False,  # a host sync per micro-batch; AdapterTrainer checks the loss once per step
+        **devices.trainer_settings(precision, cfg.trainer),
     )
+    if adapter:  # every adapter and head parameter takes part in every forward: skip DDP's search per step
+        settings["ddp_find_unused_parameters"] = False
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under DDP
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (old names deprecated)
         name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
@@ -92,13 +98,16 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float):
         settings["use_cpu"] = True  # torchrun on CPUs: without it the Trainer would not start DDP (gloo)
     settings.update(cfg.trainer)
     try:
-        return TrainingArguments(**settings)
+        args = TrainingArguments(**settings)
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid Trainer setting ({str(exc).splitlines()[0]}); check the trainer.* keys") from None
+    devices.keep_one_gpu(args)
+    return args
 
 
-def predict(model, features, tokenizer, batch_size: int):
-    """The model's outputs (all but the loss) over `features`, in order, as numpy arrays."""
+def predict(model, features, tokenizer, batch_size: int, precision: str = "fp32"):
+    """The model's outputs (all but the loss) over `features`, in order, as numpy arrays (float32), computed
+    under the autocast of `precision` (resolved)."""
     from transformers import DataCollatorWithPadding
 
     columns = [c for c in tokenizer.model_input_names if c in features.column_names]
@@ -106,7 +115,7 @@ def predict(model, features, tokenizer, batch_size: int):
     device = next(model.parameters()).device
     model.eval()
     outputs: list[tuple[np.ndarray, ...]] = []
-    with torch.no_grad():
+    with torch.no_grad(), devices.autocast(precision, device):
         for start in range(0, len(features), batch_size):
             rows = features[start:start + batch_size]
             batch = collate([{c: rows[c][i] for c in columns} for i in range(len(rows[columns[0]]))])
@@ -128,10 +137,11 @@ def evaluate(model, tokenizer, task: Task, cfg: RunConfig) -> dict[str, float]:
     """Every evaluation set of the task, metric names suffixed per set (MNLI mismatched: `_mm`)."""
     metrics = {}
     length = max_length(cfg, task, tokenizer)
+    precision = devices.resolve_precision(cfg.precision)
     for eval_split in task.eval_splits:
         raw = load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
         features = task.preprocess(raw, tokenizer, length, training=False)
-        predictions = predict(model, features, tokenizer, cfg.eval_batch_size)
+        predictions = predict(model, features, tokenizer, cfg.eval_batch_size, precision)
         for name, value in task.compute_metrics(predictions, raw, features).items():
             metrics[name + eval_split.suffix] = round(float(value), 6)
     return metrics
@@ -142,13 +152,47 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
 
     With `resume`, continue the run in `cfg.output_dir` from its last complete checkpoint (same settings).
     Under several processes (torchrun), every process trains and only the main one writes the run
-    directory and evaluates; the others return None.
+    directory and evaluates; the others return None. SIGTERM or Ctrl-C stops training after a checkpoint
+    (`errors.Interrupted`).
     """
-    from transformers import set_seed
-
-    from adalora_cli.training import AdapterTrainer, AllocationCallback, NonFiniteLoss
-
     _quiet_datasets()
+    task, method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
+    out = Path(cfg.output_dir)
+    lock = files.RunLock(out)
+    lock.check()  # another process writes this folder: say so before any work
+    resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
+    if not resume:
+        rundir.prepare_output_dir(out, overwrite)
+    train_raw = _read_data(cfg, task)
+    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr, precision,
+                              method.adapter)  # starts DDP if launched
+    main = args.process_index == 0
+    if not main:
+        logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
+    built = _build_model(cfg, task, method, method_cfg)
+    train_features = task.preprocess(train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer), training=True)
+
+    _lock_on_main(lock, main, args.device)
+    try:
+        distributed.barrier()  # every process has checked the output folder before the main one changes it
+        if main:
+            if resume_from is not None:
+                checkpoints.drop_later_checkpoints(resume_from)
+            else:
+                rundir.reset_output_dir(out)
+                dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
+        distributed.barrier()
+        trainer = _make_trainer(built, method, method_cfg, args, train_features, resume_from)
+        runtime = _train(trainer, resume_from, out, method)
+        if not main:
+            return None
+        return _finish_run(cfg, task, method, built, trainer, runtime, precision, resume_from is not None)
+    finally:
+        lock.release()
+
+
+def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
+    """Validate the run's settings before any work; returns (task, method, method config, precision)."""
     cfg.validate()
     if not cfg.output_dir:
         raise UserError("no output directory; pass --output-dir")
@@ -157,20 +201,34 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     for key in ("data_dir", "train_file", "validation_file"):  # the saved config must work from any folder
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
-    out = Path(cfg.output_dir)
     task, method, method_cfg = configured_task(cfg), get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
-    resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
-    if not resume:
-        rundir.prepare_output_dir(out, overwrite)
+    return task, method, method_cfg, devices.resolve_precision(cfg.precision)
+
+
+def _read_data(cfg: RunConfig, task: Task):
+    """The training split; every evaluation split is read too, so that bad data fails before any model work."""
     task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
     train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
-    for eval_split in task.eval_splits:  # read every evaluation file now: bad data fails before any model work
+    for eval_split in task.eval_splits:
         load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
-    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr)  # starts DDP if launched
-    main = args.process_index == 0
-    if not main:
-        logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
+    return train_raw
+
+
+@dataclass
+class BuiltModel:
+    """A model ready to train: pretrained weights in float32, the method's adapters injected, the head."""
+
+    model: Any
+    tokenizer: Any
+    head: set[str]  # parameter names of the task head (trained by every method)
+    layers: dict[str, Any]  # adapter layers by module name ({} for full fine-tuning)
+    targets: list  # every target matrix the preset (or the user's patterns) selected
+    plan: Any  # the method's rank plan (None for full fine-tuning)
+
+
+def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
+    from transformers import set_seed
 
     hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
     targets, plan = [], None
@@ -181,70 +239,102 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         logger.info("method %s: %d target matrices, plan %s", method.name, len(targets), plan.notes)
     elif cfg.budget is not None:
         logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
-
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    length = max_length(cfg, task, tokenizer)
-    train_features = task.preprocess(train_raw, tokenizer, length, training=True)
-
     set_seed(cfg.seed)
     model, head = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
     layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
     trainable, total = mark_trainable(model, method, head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return BuiltModel(model, tokenizer, head, layers, targets, plan)
 
-    distributed.barrier()  # every process has checked the output folder before the main one changes it
+
+def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
+    """The main process takes the run lock; under several processes all of them stop if it cannot."""
+    failure = None
     if main:
-        if resume_from is not None:
-            checkpoints.drop_later_checkpoints(resume_from)
-        else:
-            rundir.reset_output_dir(out)
-            dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
-    distributed.barrier()
-    allocation = None
-    if method.make_allocator is not None:
-        allocation = AllocationCallback(lambda steps: method.make_allocator(layers, method_cfg, plan, steps),
-                                        resume_from=resume_from)
-    elif method.needs_allocator:
-        raise RuntimeError(f"method {method.name} needs an allocator")
-    regulariser = method.regulariser(list(layers.values()), method_cfg) if method.regulariser else None
+        try:
+            lock.acquire()
+        except UserError as exc:
+            failure = exc
+    failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=device))
+    if failure is not None:
+        raise failure
+    if float(failed) > 0:
+        raise UserError("the main process could not lock the output directory; see its message")
+
+
+def _make_trainer(built: BuiltModel, method, method_cfg, args, train_features, resume_from: Path | None):
     from transformers import DataCollatorWithPadding
 
-    trainer = AdapterTrainer(
-        model=model,
+    from adalora_cli.training import AdapterTrainer, AllocationCallback
+
+    allocation = None
+    if method.make_allocator is not None:
+        allocation = AllocationCallback(
+            lambda steps: method.make_allocator(built.layers, method_cfg, built.plan, steps), resume_from=resume_from)
+    elif method.needs_allocator:
+        raise RuntimeError(f"method {method.name} needs an allocator")
+    regulariser = method.regulariser(list(built.layers.values()), method_cfg) if method.regulariser else None
+    return AdapterTrainer(
+        model=built.model,
         args=args,
         train_dataset=train_features,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(built.tokenizer),
+        processing_class=built.tokenizer,
         regulariser=regulariser,
         allocation=allocation,
     )
+
+
+def _train(trainer, resume_from: Path | None, out: Path, method) -> float:
+    """Run the Trainer; returns the training time in seconds. Stops cleanly on SIGTERM / Ctrl-C."""
+    from adalora_cli.training import NonFiniteLoss, StopSignals
+
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
     started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        with StopSignals() as signals:
+            trainer.stop_signals = signals
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except NonFiniteLoss as exc:
         _close_progress_bars(trainer)
         raise TrainingFailed(_divergence_message(exc, out, method.make_allocator is not None)) from None
+    except TrainingFailed:
+        _close_progress_bars(trainer)
+        raise
     except pickle.UnpicklingError as exc:  # the Trainer loads optimizer, scheduler and RNG with weights_only=True
         if resume_from is None:
             raise
         raise UserError(f"--resume: {resume_from} holds a file that is not plain tensors ({str(exc).splitlines()[0]}); "
                         "it was not loaded: remove that checkpoint folder and resume from an earlier one") from None
-    runtime = result.metrics.get("train_runtime", time.time() - started)
-    if not main:
-        return None
+    if trainer.stopped_by is not None:
+        raise Interrupted(_interrupted_message(trainer, out), 143 if trainer.stopped_by == "SIGTERM" else 130)
+    return result.metrics.get("train_runtime", time.time() - started)
 
-    rank_pattern = rundir.write_adapter(out, method, model, layers, head, cfg, targets)
+
+def _interrupted_message(trainer, out: Path) -> str:
+    step = trainer.state.global_step
+    checkpoint = out / rundir.CHECKPOINTS / f"checkpoint-{step}"
+    return (f"stopped by {trainer.stopped_by} after optimizer step {step} of {trainer.state.max_steps}; checkpoint "
+            f"{checkpoint} holds the run; continue it with: adalora train --output-dir {out} --resume")
+
+
+def _finish_run(cfg: RunConfig, task: Task, method, built: BuiltModel, trainer, runtime: float, precision: str,
+                resumed: bool) -> dict[str, Any]:
+    """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the plots."""
+    out = Path(cfg.output_dir)
+    model, layers, allocation = built.model, built.layers, trainer.allocation
+    rank_pattern = rundir.write_adapter(out, method, model, layers, built.head, cfg, built.targets)
     adapter_params = sum(layer.param_count() for layer in layers.values()) if method.adapter else \
-        sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
-    if resume_from is not None:  # a resumed run may have moved its data or changed its log interval
+        sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in built.head)
+    if resumed:  # a resumed run may have moved its data or changed its log interval
         dump_yaml(cfg.to_dict(), out / rundir.CONFIG)
-    _save_tokenizer(tokenizer, out / rundir.TOKENIZER)
-    rundir.write_json(out / rundir.RANK_PATTERN, rank_pattern)
+    _save_tokenizer(built.tokenizer, out / rundir.TOKENIZER)
+    files.write_json(out / rundir.RANK_PATTERN, rank_pattern)
     if allocation is not None:
-        rundir.write_json(out / rundir.RANK_HISTORY, allocation.allocator.history())
-    rundir.write_json(out / rundir.TRAIN_LOG, trainer.state.log_history)
+        files.write_json(out / rundir.RANK_HISTORY, allocation.allocator.history())
+    files.write_json(out / rundir.TRAIN_LOG, trainer.state.log_history)
     if cfg.budget is not None and method.adapter and adapter_params > cfg.budget:
         raise RuntimeError(f"adapter holds {adapter_params} parameters, over the budget {cfg.budget}")
 
@@ -258,10 +348,11 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         "nonzero_adapter_params": int(sum(layer.nonzero_count() for layer in layers.values())) if method.adapter
         else int(adapter_params),
         "steps": int(trainer.state.global_step),
+        "precision": precision,
         "train_runtime_s": round(float(runtime), 2),
-        "eval": evaluate(model, tokenizer, task, cfg),
+        "eval": evaluate(model, built.tokenizer, task, cfg),
     }
-    rundir.write_json(out / rundir.METRICS, metrics)
+    files.write_json(out / rundir.METRICS, metrics)
     if allocation is not None:  # adaptive methods: the final ranks and the budget curve (as `adalora inspect`)
         from adalora_cli.report import write_rank_plot
 
@@ -293,7 +384,7 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tokenizer."))
-    tmp.chmod(0o777 & ~rundir.current_umask())
+    tmp.chmod(0o777 & ~files.current_umask())
     tokenizer.save_pretrained(str(tmp))
     if path.exists():
         shutil.rmtree(path)
@@ -328,7 +419,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
             _set_rank(layers, b)
             by_rank[b] = evaluate(model, tokenizer, task, cfg)
             logger.info("rank %d: %s", b, by_rank[b])
-        rundir.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
+        files.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
         from adalora_cli.report import plot_rank_sweep
 
         plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
@@ -336,7 +427,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
     if rank is not None:
         _set_rank(layers, rank)
     metrics = evaluate(model, tokenizer, task, cfg)
-    rundir.write_json(Path(run) / "eval.json",
+    files.write_json(Path(run) / "eval.json",
                       {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics})
     return metrics
 

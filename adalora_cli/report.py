@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.errors import UserError
 from adalora_cli.inject import MATRIX_KINDS
@@ -62,8 +62,8 @@ def read_allocation(run: Path) -> Allocation:
         if key[1] not in kinds:
             kinds.append(key[1])
     kinds = [k for k in MATRIX_KINDS if k in kinds] + [k for k in kinds if k not in MATRIX_KINDS]
-    metrics = rundir.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
-    history = rundir.read_json(run / rundir.RANK_HISTORY) if (run / rundir.RANK_HISTORY).is_file() else []
+    metrics = files.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
+    history = files.read_json(run / rundir.RANK_HISTORY) if (run / rundir.RANK_HISTORY).is_file() else []
     budget = rundir.read_run_config(run).budget
     params = metrics.get("adapter_params")
     if params is None:
@@ -155,7 +155,7 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
 
 def _save_png(fig, path: Path) -> Path:
     path = Path(path)
-    with rundir.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 

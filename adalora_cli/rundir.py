@@ -12,16 +12,13 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adalora_cli.errors import UserError
+from adalora_cli.files import LOCK, load_tensors, read_json, save_tensors, write_json
 
 CONFIG = "config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,78 +34,27 @@ CHECKPOINTS = "checkpoints"
 FORMAT = "adalora-cli"
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """A temporary path beside `path`, renamed onto it when the block succeeds and removed when it fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}); the run folder is damaged, re-run training") from None
-
-
-def save_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    """Tensors of a safetensors file; a missing, truncated or corrupt file is a UserError."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is missing; the run did not finish or the folder was damaged: re-run training")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        raise UserError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]}); re-run training or re-export") from None
-
-
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
     """Fail, before any work, on a non-empty output folder unless --overwrite was given."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} is a file; choose another --output-dir")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not overwrite:
         hint = ", --resume to continue its checkpoints," if (path / CHECKPOINTS).is_dir() and not (path / METRICS).exists() else ""
         raise UserError(f"output directory {path} is not empty; pass --overwrite{hint} or choose another --output-dir")
 
 
 def reset_output_dir(path: Path) -> None:
+    """Empty the output folder for a new run, keeping the lock file that the writing process holds."""
     path = Path(path)
-    if path.is_dir():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
+    for child in path.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 @dataclass

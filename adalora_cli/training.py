@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -61,25 +63,78 @@ class AllocationCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             checkpoints.save_allocator_state(folder, self.allocator.state_dict(), args.world_size)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.allocator.step(state.global_step)
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.allocator.after_optimizer_step(state.global_step, skipped=step_was_skipped(optimizer))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.allocator.finalize()
 
 
-class AdapterTrainer(Trainer):
-    """A Trainer that adds the method's regulariser to the loss and logs it beside the task loss,
-    together with the allocator's budget and kept adapter parameters, and that stops on a non-finite loss.
+def step_was_skipped(optimizer) -> bool:
+    """Whether fp16 loss scaling skipped the optimizer step just taken (its gradients held inf or NaN).
 
-    The loss check costs one host sync (and, under DDP, one one-number all-reduce) per optimizer step, not
-    per micro-batch: the micro-batch losses are summed on the device and the sum is read once, before the
-    optimizer applies the step. (The Trainer's `logging_nan_inf_filter` would only hide such a loss from
-    the log.)
+    Accelerate's optimizer wrapper knows it from the loss scaler, whose decision rests on the all-reduced
+    gradients, so it is the same on every process. Without loss scaling no step is ever skipped.
+    """
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+class StopSignals:
+    """SIGTERM, or a first Ctrl-C (SIGINT): finish the current optimizer step, checkpoint, stop.
+
+    Spot instances and cluster schedulers send SIGTERM before they take a machine away. The handler only
+    records the signal; the Trainer acts on it at the next optimizer-step boundary (`AdapterTrainer`), so the
+    checkpoint holds a complete step. A second Ctrl-C while that happens aborts at once (KeyboardInterrupt).
+    Handlers can only be installed from the main thread; elsewhere nothing is installed.
     """
 
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+            return
+        self.received = signum
+        logger.warning("%s received: finishing this optimizer step and writing a checkpoint, then stopping "
+                       "(press Ctrl-C again to abort at once)", self.NAMES[signum])
+
+    @property
+    def name(self) -> str | None:
+        return self.NAMES.get(self.received) if self.received is not None else None
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer that adds the method's regulariser to the loss and logs it beside the task loss,
+    together with the allocator's budget and kept adapter parameters, stops on a non-finite loss, and stops
+    cleanly (checkpoint first) on SIGTERM or Ctrl-C.
+
+    The loss check costs one host sync (and, under DDP, one two-number all-reduce that also agrees on a stop
+    request) per optimizer step, not per micro-batch: the micro-batch losses are summed on the device and the
+    sum is read once, before the optimizer applies the step. Under fp16 loss scaling a non-finite loss is not
+    an error: the scaler skips that step and lowers its scale, and only a long run of skipped steps
+    (`MAX_SKIPPED_STEPS` in a row) stops training.
+    """
+
+    MAX_SKIPPED_STEPS = 25  # the scale halves at every skip: 25 skips take 2^16 down to 2^-9
+
     def __init__(self, *args, regulariser: Callable[[], torch.Tensor] | None = None,
-                 allocation: AllocationCallback | None = None, **kwargs):
+                 allocation: AllocationCallback | None = None, stop_signals: StopSignals | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # Our task heads (sequence classification, QA) average their loss over the micro-batch and ignore the
         # Trainer's `num_items_in_batch`. The Trainer takes any model whose forward has **kwargs for one that
@@ -88,25 +143,46 @@ class AdapterTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.regulariser = regulariser
         self.allocation = allocation
+        self.stop_signals = stop_signals
+        self.stopped_by: str | None = None  # the signal that stopped training early, once acted on
         if allocation is not None:
             self.add_callback(allocation)
+        self.add_callback(_StepGuard(self))
         self._sums = {"task_loss": 0.0, "regulariser": 0.0}
         self._count = 0
         self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses
+        self._stop_agreed = False
+        self._skipped_in_a_row = 0
+
+    @property
+    def loss_scaling(self) -> bool:
+        return getattr(self.accelerator, "scaler", None) is not None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss = loss.detach().float() if self._step_loss is None else self._step_loss + loss.detach()
         if self.accelerator.sync_gradients:  # the last micro-batch of the step: check before the optimizer runs
-            self._check_step_loss()
+            self._check_step()
         return loss
 
-    def _check_step_loss(self) -> None:
-        total = distributed.all_reduce_sum(self._step_loss.reshape(1).clone())  # every process stops together
+    def _check_step(self) -> None:
+        stop = float(self.stop_signals is not None and self.stop_signals.received is not None)
+        flags = torch.stack([self._step_loss.reshape(()), self._step_loss.new_tensor(stop)])
+        loss, stop = distributed.all_reduce_sum(flags).tolist()  # every process decides alike
         self._step_loss = None
-        value = float(total)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(self.state.global_step + 1, value)
+        self._stop_agreed = stop > 0
+        if not math.isfinite(loss) and not self.loss_scaling:
+            raise NonFiniteLoss(self.state.global_step + 1, loss)
+
+    def _after_optimizer_step(self, skipped: bool) -> None:
+        """Count fp16 steps skipped in a row; too many means the run diverged, not a passing overflow."""
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
+        if self._skipped_in_a_row >= self.MAX_SKIPPED_STEPS:
+            first = self.state.global_step - self._skipped_in_a_row + 2
+            raise TrainingFailed(
+                f"fp16 loss scaling skipped {self._skipped_in_a_row} optimizer steps in a row (steps {first}-"
+                f"{self.state.global_step + 1}): the gradients are not finite at any scale; train with "
+                "--precision bf16 or fp32, or lower --lr")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -132,3 +208,19 @@ class AdapterTrainer(Trainer):
         if self.allocation is not None and self.allocation.allocator is not None:
             logs.update(self.allocation.allocator.log_values())
         super().log(logs, start_time)
+
+
+class _StepGuard(TrainerCallback):
+    """The trainer's own per-step checks: skipped fp16 steps, and a stop requested by a signal."""
+
+    def __init__(self, trainer: AdapterTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.trainer._after_optimizer_step(step_was_skipped(optimizer))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._stop_agreed:  # checkpoint this step, then leave the training loop
+            control.should_save = True
+            control.should_training_stop = True
+            self.trainer.stopped_by = self.trainer.stop_signals.name if self.trainer.stop_signals else "SIGTERM"

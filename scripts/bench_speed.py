@@ -86,7 +86,7 @@ def ours(name: str, args) -> tuple[torch.nn.Module, Callable[[int], torch.Tensor
         allocator = method.make_allocator(layers, cfg, plan, args.warmup + args.steps + 1)
     if method.regulariser is not None:
         regulariser = method.regulariser(list(layers.values()), cfg)
-    return model, regulariser, (allocator.step if allocator else None)
+    return model, regulariser, (allocator.after_optimizer_step if allocator else None)
 
 
 def head_only(args):

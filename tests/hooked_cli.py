@@ -37,7 +37,7 @@ def install() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from adalora_cli import checkpoints, pipeline, rundir, training
+    from adalora_cli import checkpoints, files, pipeline, rundir, training
 
     kill_after = int(os.environ.get("ADALORA_TEST_KILL_AFTER_SAVE", "0"))
     nan_at = int(os.environ.get("ADALORA_TEST_NAN_AT_STEP", "0"))
@@ -98,8 +98,7 @@ def install() -> None:
 
         setattr(module, name, wrapper)
 
-    for module, name in ((rundir, "atomic_write_text"), (rundir, "save_tensors"), (rundir, "reset_output_dir"),
-                         (pipeline, "_save_tokenizer")):
+    for module, name in ((files, "atomic_path"), (rundir, "reset_output_dir"), (pipeline, "_save_tokenizer")):
         recorded(module, name)
 
     if trace_dir:

@@ -131,7 +131,7 @@ def test_every_allocation_fits_its_budget_and_the_best_pruned_triplet_would_not(
         loss = model(input_ids=ids, labels=labels).loss + regulariser()
         loss.backward()
         optimizer.step()
-        allocator.step(t)
+        allocator.after_optimizer_step(t)
         budget, pruned = allocator.schedule.budget(t, allocator.b0, allocator.bT)
         if pruned:
             kept = torch.cat([layer.kept for layer in layers.values()])

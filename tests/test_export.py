@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adalora_cli import export, rundir
+from adalora_cli import export, files, rundir
 from adalora_cli.cli import app
 from adalora_cli.errors import UserError
 from adalora_cli.methods import available_methods, get_method
@@ -109,7 +109,7 @@ def test_peft_export_loads_in_peft_with_our_logits_and_ranks(trained, tmp_path, 
         if info["rank"]:
             assert config["alpha_pattern"][name] / config["rank_pattern"][name] == pytest.approx(info["scaling"])
     # the head PEFT restored is the trained one, not the base model's random classifier
-    trained_head = rundir.load_tensors(run / rundir.HEAD)
+    trained_head = files.load_tensors(run / rundir.HEAD)
     restored = dict(model.named_parameters())
     torch.testing.assert_close(restored["base_model.model.classifier.modules_to_save.default.weight"],
                                trained_head["classifier.weight"])
@@ -180,7 +180,7 @@ def test_merged_export_loads_in_plain_transformers_with_our_logits(merged, case)
     run, folder, loaded = merged[case]
     torch.testing.assert_close(torch.tensor(loaded["logits"]), our_logits(run), atol=1e-4, rtol=0)
     assert loaded["id2label"] == {"0": "negative", "1": "positive"}
-    assert not any(".lora_" in key or ".base." in key for key in rundir.load_tensors(folder / "model.safetensors"))
+    assert not any(".lora_" in key or ".base." in key for key in files.load_tensors(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("method", available_methods())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.training import AdapterTrainer, NonFiniteLoss
@@ -44,7 +44,7 @@ def test_nan_loss_through_the_cli(tiny_bert_dir, glue_dir, tmp_path):
     assert sorted(p.name for p in (out / rundir.CHECKPOINTS).iterdir()) == ["checkpoint-4", "checkpoint-6"]
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == 6
-    weights = rundir.load_tensors(last / "model.safetensors")
+    weights = files.load_tensors(last / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())  # saved before the poison: intact
 
 

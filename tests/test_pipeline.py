@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.cli import app
 from adalora_cli.methods import available_methods, get_method
 from conftest import train_tiny
@@ -26,15 +26,15 @@ def test_train_then_eval_reproduces_metrics(tiny_bert_dir, glue_dir, tmp_path, m
     out = tmp_path / method
     metrics = train(tiny_bert_dir, glue_dir, out, method, "--set", "adalora.t_init=1", "--set", "adalora.t_final=2")
     assert set(metrics) == {"task", "method", "model", "budget", "adapter_params", "nonzero_adapter_params", "steps",
-                            "train_runtime_s", "eval"}
-    assert metrics["steps"] == 6 and set(metrics["eval"]) == {"accuracy"}
+                            "precision", "train_runtime_s", "eval"}
+    assert metrics["steps"] == 6 and metrics["precision"] == "fp32"  # auto on a CPU and set(metrics["eval"]) == {"accuracy"}
     for name in (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.HEAD, rundir.RANK_PATTERN, rundir.TRAIN_LOG):
         assert (out / name).is_file(), name
     assert (out / rundir.TOKENIZER).is_dir()
     pattern = json.loads((out / rundir.RANK_PATTERN).read_text())
     if get_method(method).adapter:
         assert len(pattern) == 12 and metrics["adapter_params"] <= metrics["budget"] == 4000
-        saved = rundir.load_tensors(out / rundir.ADAPTER)
+        saved = files.load_tensors(out / rundir.ADAPTER)
         for name, rank in pattern.items():
             assert saved[f"{name}.lora_A"].shape[0] == rank  # only the kept components are stored
     else:

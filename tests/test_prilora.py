@@ -57,7 +57,7 @@ def test_input_norm_ema_matches_hand_computation():
             layer(torch.tensor(x, dtype=torch.float32))
         tokens = np.concatenate([x.reshape(-1, 8) for x in micro_batches])
         expected = 0.9 * expected + 0.1 * np.sqrt((tokens ** 2).sum(axis=0))
-        pruner.update_statistics()
+        pruner.after_optimizer_step(t)
         np.testing.assert_allclose(layer.input_norm.numpy(), expected, rtol=1e-5)
     with torch.no_grad():
         layer(torch.ones(3, 8))  # no statistics outside training steps with gradients
@@ -85,5 +85,5 @@ def test_prune_schedule_counts_optimizer_steps():
     layer, pruner = make_pruner(interval=3)
     for t in range(7):
         layer(torch.randn(2, 8))
-        pruner.step(t)
+        pruner.after_optimizer_step(t)
     assert pruner.prunes == 2  # after steps 2 and 5 (0-based)

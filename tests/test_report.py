@@ -7,7 +7,7 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from adalora_cli import report, rundir
+from adalora_cli import files, report, rundir
 from adalora_cli.cli import app
 from adalora_cli.config import RunConfig, dump_yaml
 
@@ -32,11 +32,11 @@ def fake_run(path, method="adalora", budget=5000, history=True, ranks=RANKS):
             d_in, d_out = (32, 64) if kind == "Wf1" else (64, 32) if kind == "Wf2" else (32, 32)
             modules[f"encoder.layer.{layer}.{kind.lower()}"] = {"rank": rank, "scaling": 2.0, "d_in": d_in,
                                                                  "d_out": d_out, "kind": kind, "layer": layer}
-    rundir.write_json(path / rundir.ADAPTER_CONFIG, {"format": rundir.FORMAT, "method": method, "base_model": "x",
+    files.write_json(path / rundir.ADAPTER_CONFIG, {"format": rundir.FORMAT, "method": method, "base_model": "x",
                                                      "task": "sst2", "modules": modules, "head": []})
-    rundir.write_json(path / rundir.METRICS, {"adapter_params": 4321, "steps": 100})
+    files.write_json(path / rundir.METRICS, {"adapter_params": 4321, "steps": 100})
     if history:
-        rundir.write_json(path / rundir.RANK_HISTORY, [
+        files.write_json(path / rundir.RANK_HISTORY, [
             {"step": 0, "budget": 9000, "adapter_params": 9000, "total_rank": 80},
             {"step": 20, "budget": 7000, "adapter_params": 6900, "total_rank": 60},
             {"step": 40, "budget": 5000, "adapter_params": 4321, "total_rank": 44},

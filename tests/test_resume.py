@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adalora_cli import checkpoints, rundir
+from adalora_cli import checkpoints, files, rundir
 from adalora_cli.cli import app
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
@@ -80,7 +80,7 @@ def test_killed_then_resumed_run_equals_uninterrupted_run(tiny_bert_dir, glue_di
     for key in ("steps", "adapter_params", "nonzero_adapter_params", "budget"):
         assert ours[key] == theirs[key], key
     for name in (rundir.ADAPTER, rundir.HEAD):
-        a, b = rundir.load_tensors(resumed / name), rundir.load_tensors(reference / name)
+        a, b = files.load_tensors(resumed / name), files.load_tensors(reference / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     logged = [(e["step"], e["grad_norm"]) for e in json.loads((resumed / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]
     expected = [(e["step"], e["grad_norm"]) for e in json.loads((reference / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.cli import app
 from adalora_cli.errors import UserError
 from adalora_cli.methods import available_methods, get_method
@@ -379,7 +379,7 @@ def test_train_then_eval_reproduces_qa_metrics(tiny_bert_dir, squad_splits, tmp_
     assert "doc_stride: 32" in config and "null_threshold: 0.5" in config
     if get_method(method).adapter:
         assert metrics["adapter_params"] <= 4000
-        assert "qa_outputs.weight" in rundir.load_tensors(out / rundir.HEAD)
+        assert "qa_outputs.weight" in files.load_tensors(out / rundir.HEAD)
 
     result = runner.invoke(app, ["eval", str(out)])
     assert result.exit_code == 0, result.stderr

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adalora_cli.budget import Target, component_cost, format_count
@@ -91,8 +90,8 @@ class AdaLoraLinear(AdapterLinear):
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         self.register_buffer("kept", torch.ones(rank, dtype=torch.bool, device=self.base.weight.device))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A * (self.lora_E * self.scaling)), self.lora_B)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A * self.lora_E, self.lora_B  # diag(lambda) Q: an r x d_in product, cheaper than r x tokens
 
     @property
     def rank(self) -> int:
@@ -150,28 +149,30 @@ def make_layer(base: nn.Linear, rank: int, scaling: float, cfg: AdaLoraConfig) -
 def orthogonality_regulariser(layers: list[AdapterLinear], cfg: AdaLoraConfig) -> Callable[[], torch.Tensor] | None:
     """gamma * mean over the 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (unsquared, as released).
 
-    Both terms are the Gram matrix of a factor along its rank axis (Q, and P transposed). Factors of the
-    same shape are stacked and handled by one batched product: a handful of kernels per step instead of
-    six per layer.
+    Both terms are the r x r Gram matrix of a factor along its rank axis. Factors of the same shape are
+    stacked and handled by one batched product per group: a handful of kernels per step instead of six per
+    layer. Q (r x d_in) is stacked as it is and multiplied by its transpose view; P (d_out x r) likewise with
+    the transpose on the other side, so no transposed copy is ever made.
     """
     if cfg.orth_reg == 0 or not layers:
         return None
-    factors = [(layer, "lora_A") for layer in layers] + [(layer, "lora_B") for layer in layers]
-    groups: dict[tuple[int, ...], list[tuple[AdapterLinear, str]]] = {}
-    for layer, name in factors:
-        shape = tuple(getattr(layer, name).shape)
-        groups.setdefault(shape if name == "lora_A" else shape[::-1], []).append((layer, name))
-    weight = cfg.orth_reg / len(factors)
+    groups: dict[tuple[str, tuple[int, ...]], list[nn.Parameter]] = {}
+    for layer in layers:
+        for name in ("lora_A", "lora_B"):
+            param = getattr(layer, name)
+            groups.setdefault((name, tuple(param.shape)), []).append(param)
+    weight = cfg.orth_reg / (2 * len(layers))
     eyes: dict[tuple, torch.Tensor] = {}
 
     def regulariser() -> torch.Tensor:
         total = 0.0
-        for (rank, _), members in groups.items():
-            M = torch.stack([getattr(l, n) if n == "lora_A" else getattr(l, n).T for l, n in members])  # g x r x d
-            key = (rank, M.device, M.dtype)
+        for (name, _), params in groups.items():
+            M = torch.stack(params)  # g x r x d_in (Q) or g x d_out x r (P)
+            gram = torch.bmm(M, M.mT) if name == "lora_A" else torch.bmm(M.mT, M)  # g x r x r
+            key = (gram.shape[-1], gram.device, gram.dtype)
             if key not in eyes:
-                eyes[key] = torch.eye(rank, device=M.device, dtype=M.dtype)
-            total = total + torch.linalg.matrix_norm(torch.bmm(M, M.transpose(1, 2)) - eyes[key]).sum()
+                eyes[key] = torch.eye(key[0], device=key[1], dtype=key[2])
+            total = total + torch.linalg.matrix_norm(gram - eyes[key]).sum()
         return weight * total
 
     return regulariser
@@ -349,10 +350,12 @@ class AdaLoraAllocator(Allocator):
         torch._foreach_mul_(self.lambdas, self._frozen_factors)
 
     # -- the per-step entry point -----------------------------------------------------------------
+    def observe(self, t: int) -> None:
+        if self.schedule.phase(t) != "final":  # the kept set is fixed in the final phase: no scores needed
+            self.update_importance()
+
     def step(self, t: int) -> None:
         phase = self.schedule.phase(t)
-        if phase != "final":
-            self.update_importance()
         budget, prune = self.schedule.budget(t, self.b0, self.bT)
         if not prune:
             return
@@ -375,12 +378,17 @@ class AdaLoraAllocator(Allocator):
         self._record(self.schedule.total)
 
     # -- reporting and state ----------------------------------------------------------------------
+    def kept_ranks(self) -> list[int]:
+        """Every layer's kept rank, read from the device in one transfer (not one host sync per layer)."""
+        return torch.stack([kept.sum() for kept in self.kept]).tolist() if self.kept else []
+
     def kept_params(self) -> int:
-        return sum(layer.param_count() for layer in self.layers)
+        return sum(rank * layer.component_cost() for rank, layer in zip(self.kept_ranks(), self.layers))
 
     def _record(self, step: int) -> None:
-        entry = {"step": step, "budget": self.budget, "adapter_params": self.kept_params(),
-                 "total_rank": sum(layer.rank for layer in self.layers)}
+        ranks = self.kept_ranks()
+        entry = {"step": step, "budget": self.budget, "total_rank": sum(ranks),
+                 "adapter_params": sum(rank * layer.component_cost() for rank, layer in zip(ranks, self.layers))}
         if not self._history or any(entry[k] != self._history[-1][k] for k in ("budget", "adapter_params")):
             self._history.append(entry)
 

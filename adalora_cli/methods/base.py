@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adalora_cli.budget import Target
@@ -65,10 +66,12 @@ class LoraFactors:
 
 
 class AdapterLinear(nn.Module):
-    """A frozen `nn.Linear` plus a low-rank update: y = base(x) + delta(dropout(x)).
+    """A frozen `nn.Linear` plus a low-rank update: y = base(x) + scaling * B (A dropout(x)).
 
-    Subclasses define `delta`, `to_lora` (the final adapter as plain factors), `compact_state`
-    (the tensors to save: only what is kept) and `rank` (the rank that is kept).
+    Subclasses define `factors` (the A and B the forward multiplies by), `to_lora` (the final adapter as
+    plain factors), `compact_state` (the tensors to save: only what is kept) and `rank` (the rank kept).
+    Adapter tensors are float32 whatever the base weights are: they are the master weights that the
+    optimizer updates, and mixed precision is autocast, never half-precision parameters.
     """
 
     component_extra: ClassVar[int] = 0  # parameters per rank-1 component beyond d_in + d_out
@@ -79,7 +82,7 @@ class AdapterLinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.scaling = float(scaling)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # None: no identity call per forward
 
     @property
     def in_features(self) -> int:
@@ -99,9 +102,15 @@ class AdapterLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.delta(self.dropout(x))
+        out = self.base(x)
+        A, B = self.factors()
+        h = F.linear(x if self.dropout is None else self.dropout(x), A)
+        # One GEMM adds scaling * h B^T into the base output: no separate scale, product and sum kernels.
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
+                           alpha=self.scaling).view(out.shape)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of this forward: r x d_in and d_out x r."""
         raise NotImplementedError
 
     @property
@@ -114,25 +123,44 @@ class AdapterLinear(nn.Module):
     def compact_state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def component_cost(self) -> int:
+        """Parameters of one rank-1 component: a column of B, a row of A, and any extra (AdaLoRA's lambda)."""
+        return self.in_features + self.out_features + self.component_extra
+
     def param_count(self) -> int:
         """Adapter parameters this layer holds at its kept rank."""
-        return self.rank * (self.in_features + self.out_features + self.component_extra)
+        return self.rank * self.component_cost()
 
     def nonzero_count(self) -> int:
         """Adapter parameters that are not exactly zero (pruned entries excluded)."""
         return sum(int(torch.count_nonzero(t)) for t in self.compact_state().values())
 
     def _factory(self) -> dict[str, Any]:
-        return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+        return {"device": self.base.weight.device, "dtype": torch.float32}
 
 
 class Allocator:
     """Changes the adapter between optimizer steps (pruning, rank sampling).
 
-    `step(t)` is called once per optimizer step, after `optimizer.step()` and before `zero_grad()`,
-    with t the 0-based optimizer step: gradients are still there and already all-reduced under DDP,
-    so every process computes the same decision.
+    Once per optimizer step, after `optimizer.step()` and before `zero_grad()`, with t the 0-based optimizer
+    step, the training loop calls `observe(t)` and then `step(t)`. Gradients are still there and already
+    all-reduced under DDP, so every process computes the same decision.
+
+    `observe` folds the step's statistics (gradients, activations) into the allocator's state. It is not
+    called for a step the optimizer skipped (fp16 loss scaling found inf/NaN gradients): those gradients are
+    garbage, and one such step would poison moving averages for good. `step` acts on the schedule (mask,
+    prune, draw the next rank) and is called for every step, skipped or not, so schedules stay aligned with
+    the optimizer step count on every process.
     """
+
+    def after_optimizer_step(self, t: int, skipped: bool = False) -> None:
+        """The per-step entry point: `observe` (unless the optimizer skipped step t), then `step`."""
+        if not skipped:
+            self.observe(t)
+        self.step(t)
+
+    def observe(self, t: int) -> None:
+        """Fold the statistics of optimizer step t into the allocator's state."""
 
     def step(self, t: int) -> None:
         raise NotImplementedError

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adalora_cli.budget import Target, largest_uniform_rank
@@ -68,7 +67,7 @@ class DyLoraLinear(AdapterLinear):
         self.active_rank = b
         self.scaling = self.alpha / b
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.active_rank
         A, B = self.lora_A[:b], self.lora_B[:, :b]
         if self.mode == "frozen" and self.training and b > 1:
@@ -77,9 +76,6 @@ class DyLoraLinear(AdapterLinear):
             B = torch.cat([B[:, : b - 1].detach(), B[:, b - 1 :]], dim=1)
         return A, B
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self._factors()
-        return F.linear(F.linear(x, A) * self.scaling, B)
 
     @property
     def rank(self) -> int:

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adalora_cli.budget import Target, largest_uniform_rank
@@ -36,8 +35,8 @@ class LoraLinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self._factory()))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # scale the narrow r-wide side
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B
 
     @property
     def rank(self) -> int:

@@ -122,14 +122,15 @@ class InputNormPruner(Allocator):
 
     @torch.no_grad()
     def update_statistics(self) -> None:
+        """Fold this step's input norms into the EMA: xbar = beta xbar + (1 - beta) sqrt(sum of x_j^2)."""
         sums = [layer.input_sq_sum for layer in self.layers]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flat = torch.cat(sums)
             torch.distributed.all_reduce(flat)  # every process prunes from the same statistics
             sums = list(flat.split([s.numel() for s in sums]))
-        for layer, sq_sum in zip(self.layers, sums):
-            layer.input_norm.mul_(self.cfg.beta).add_(sq_sum.sqrt(), alpha=1 - self.cfg.beta)
-            layer.input_sq_sum.zero_()
+        norms = [layer.input_norm for layer in self.layers]
+        torch._foreach_mul_(norms, self.cfg.beta)
+        torch._foreach_add_(norms, torch._foreach_sqrt(sums), alpha=1 - self.cfg.beta)
 
     @torch.no_grad()
     def prune(self) -> None:
@@ -144,8 +145,11 @@ class InputNormPruner(Allocator):
             A.masked_fill_(~mask, 0.0)
         self.prunes += 1
 
-    def step(self, t: int) -> None:
+    def observe(self, t: int) -> None:
         self.update_statistics()
+
+    def step(self, t: int) -> None:
+        torch._foreach_zero_([layer.input_sq_sum for layer in self.layers])  # the next step sums afresh
         if (t + 1) % self.cfg.prune_interval == 0:
             self.prune()
 
