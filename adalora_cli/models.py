@@ -57,17 +57,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 def _missing_sentencepiece() -> list[str]:
-    """The packages a SentencePiece tokenizer needs that are not installed."""
-    import importlib.util
-
-    needed = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+    """The packages a SentencePiece tokenizer needs (to convert spm.model) that cannot be imported."""
     missing = []
-    for module, package in needed.items():
+    for module, package in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")):
         try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # a parent package (google) is missing
-            found = False
-        if not found:
+            importlib.import_module(module)
+        except ImportError:
             missing.append(package)
     return missing
 
@@ -85,8 +80,7 @@ def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
                              f"(not installed); run: pip install {' '.join(missing)}")
     if folder.is_dir():
         if what == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            return UserError(f"model folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                             "save the tokenizer into it with tokenizer.save_pretrained(folder)")
+            return _no_tokenizer_files(name)
         return UserError(f"cannot load the {what} in model folder {name!r} ({first_line}); check that the folder "
                          "holds a complete Transformers checkpoint (config.json, weights, tokenizer files)")
     return UserError(
@@ -151,12 +145,25 @@ def load_model(name: str, config, kind: str, trust_remote_code: bool = False):
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model. A folder without tokenizer files is an error: transformers 5 would build a
+    tokenizer of special tokens only from the config, which turns every word into [UNK]."""
     from transformers import AutoTokenizer
 
+    path = resolve_model(name_or_path)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise _no_tokenizer_files(name_or_path)
     try:
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
-    except UserError:
-        raise
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise _load_error(name_or_path, exc, "tokenizer") from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
+        raise UserError(f"the tokenizer of {name_or_path!r} holds only its special tokens ({len(tokenizer)}); its "
+                        "vocabulary files are missing: use a complete model folder or hub id")
+    return tokenizer
+
+
+def _no_tokenizer_files(name: str) -> UserError:
+    return UserError(f"model folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                     "save the tokenizer into it with tokenizer.save_pretrained(folder)")

@@ -94,8 +94,8 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: s
         name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
             else "gradient_checkpointing"
         settings.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
-    if distributed.world_size() > 1 and not torch.cuda.is_available():
-        settings["use_cpu"] = True  # torchrun on CPUs: without it the Trainer would not start DDP (gloo)
+    if not torch.cuda.is_available() and (distributed.world_size() > 1 or precision == "bf16"):
+        settings["use_cpu"] = True  # torchrun or bf16 autocast on CPUs: without it the Trainer refuses them
     settings.update(cfg.trainer)
     try:
         args = TrainingArguments(**settings)
@@ -231,6 +231,7 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     from transformers import set_seed
 
     hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     targets, plan = [], None
     if method.adapter:
         skeleton = models.skeleton(hf_config, task.model_kind)
@@ -239,7 +240,6 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
         logger.info("method %s: %d target matrices, plan %s", method.name, len(targets), plan.notes)
     elif cfg.budget is not None:
         logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model, head = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
     layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
@@ -300,7 +300,7 @@ def _train(trainer, resume_from: Path | None, out: Path, method) -> float:
     except NonFiniteLoss as exc:
         _close_progress_bars(trainer)
         raise TrainingFailed(_divergence_message(exc, out, method.make_allocator is not None)) from None
-    except TrainingFailed:
+    except (TrainingFailed, KeyboardInterrupt):
         _close_progress_bars(trainer)
         raise
     except pickle.UnpicklingError as exc:  # the Trainer loads optimizer, scheduler and RNG with weights_only=True

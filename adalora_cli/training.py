@@ -46,6 +46,7 @@ class AllocationCallback(TrainerCallback):
         self.build = build
         self.resume_from = resume_from
         self.allocator: Allocator | None = None
+        self.step_skipped: Callable[[], bool] = lambda: False  # AdapterTrainer tells: fp16 loss scaling
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.allocator is None:
@@ -63,20 +64,11 @@ class AllocationCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             checkpoints.save_allocator_state(folder, self.allocator.state_dict(), args.world_size)
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.allocator.after_optimizer_step(state.global_step, skipped=step_was_skipped(optimizer))
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.allocator.after_optimizer_step(state.global_step, skipped=self.step_skipped())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.allocator.finalize()
-
-
-def step_was_skipped(optimizer) -> bool:
-    """Whether fp16 loss scaling skipped the optimizer step just taken (its gradients held inf or NaN).
-
-    Accelerate's optimizer wrapper knows it from the loss scaler, whose decision rests on the all-reduced
-    gradients, so it is the same on every process. Without loss scaling no step is ever skipped.
-    """
-    return bool(getattr(optimizer, "step_was_skipped", False))
 
 
 class StopSignals:
@@ -145,9 +137,11 @@ class AdapterTrainer(Trainer):
         self.allocation = allocation
         self.stop_signals = stop_signals
         self.stopped_by: str | None = None  # the signal that stopped training early, once acted on
+        self.step_skipped = False  # whether fp16 loss scaling skipped the optimizer step just taken
+        self.add_callback(_StepGuard(self))  # first: the allocation callback reads step_skipped
         if allocation is not None:
+            allocation.step_skipped = lambda: self.step_skipped
             self.add_callback(allocation)
-        self.add_callback(_StepGuard(self))
         self._sums = {"task_loss": 0.0, "regulariser": 0.0}
         self._count = 0
         self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses
@@ -211,13 +205,28 @@ class AdapterTrainer(Trainer):
 
 
 class _StepGuard(TrainerCallback):
-    """The trainer's own per-step checks: skipped fp16 steps, and a stop requested by a signal."""
+    """The trainer's own per-step checks: steps skipped by fp16 loss scaling, and a stop requested by a signal.
+
+    A skipped step is read off the loss scale, which the scaler halves exactly when it finds inf/NaN gradients
+    (it only ever grows otherwise). Accelerate's `optimizer_step_was_skipped` cannot be used: with a fused
+    optimizer (the Trainer's default AdamW) the scaler hands the skip to the optimizer's kernel, and accelerate
+    then reports every step as taken. The scaler decides from the all-reduced gradients, so every process sees
+    the same. Reading the scale costs two host syncs per step, under fp16 only.
+    """
 
     def __init__(self, trainer: AdapterTrainer):
         self.trainer = trainer
+        self.scale_before: float | None = None
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.trainer._after_optimizer_step(step_was_skipped(optimizer))
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        self.scale_before = scaler.get_scale() if scaler is not None else None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        skipped = self.scale_before is not None and scaler.get_scale() < self.scale_before
+        self.trainer.step_skipped = skipped
+        self.trainer._after_optimizer_step(skipped)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._stop_agreed:  # checkpoint this step, then leave the training loop

@@ -57,7 +57,7 @@ def run_peft_adalora(job: dict, args) -> dict:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
 
-    from adalora_cli import models
+    from adalora_cli import devices, models
     from adalora_cli.budget import parse_budget
     from adalora_cli.config import RunConfig
     from adalora_cli.inject import find_targets
@@ -96,7 +96,9 @@ def run_peft_adalora(job: dict, args) -> dict:
         def on_optimizer_step(self, args_, state, control, **kwargs):
             model.base_model.update_and_allocate(state.global_step)
 
-    trainer = Trainer(model=model, args=training_arguments(cfg, Path(job["out"]) / "checkpoints", method.default_lr),
+    precision = devices.resolve_precision(cfg.precision)
+    arguments = training_arguments(cfg, Path(job["out"]) / "checkpoints", method.default_lr, precision, adapter=True)
+    trainer = Trainer(model=model, args=arguments,
                       train_dataset=features, data_collator=DataCollatorWithPadding(tokenizer),
                       processing_class=tokenizer, callbacks=[Allocate()])
     started = time.time()

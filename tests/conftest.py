@@ -105,3 +105,21 @@ def train_tiny(method: str, *args: str) -> None:
         command += ["--budget", "4k"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.stderr + result.stdout
+
+
+@pytest.fixture(scope="session")
+def deberta_v3_dir(tmp_path_factory, glue_dir) -> str:
+    """A tiny DeBERTa-v3 in microsoft/deberta-v3-base's shape: float16 weights with no dtype in config.json, a
+    SentencePiece tokenizer (spm.model, trained here on SST-2 sentences) and no tokenizer.json."""
+    from model_folders import deberta_v3_folder, glue_sentences
+
+    return str(deberta_v3_folder(tmp_path_factory.mktemp("deberta-v3"), glue_sentences(glue_dir / "SST-2" / "train.tsv")))
+
+
+@pytest.fixture(scope="session")
+def minilm_fp16_dir(tmp_path_factory, minilm_path) -> str:
+    """The real MiniLM-L6 with its weights rounded to float16 and no dtype in config.json (the default model's
+    shape on the hub)."""
+    from model_folders import float16_copy
+
+    return str(float16_copy(minilm_path, tmp_path_factory.mktemp("minilm-fp16")))

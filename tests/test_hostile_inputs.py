@@ -107,6 +107,14 @@ def _resume_without_checkpoint(env: Env) -> list[str]:
     return ["train", "--output-dir", str(run), "--resume"]
 
 
+def _model_without_tokenizer(env: Env) -> Path:
+    folder = env.tmp / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(env.model) / name, folder / name)
+    return folder
+
+
 def _deepspeed_file(env: Env, stage: int) -> list[str]:
     path = env.tmp / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_batch_size": "auto"}))
@@ -178,6 +186,14 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "resume: no such folder": (lambda e: ["train", "--output-dir", str(e.tmp / "none"), "--resume"], "does not exist"),
     "resume and overwrite": (lambda e: ["train", "--output-dir", str(e.started_run()), "--resume", "--overwrite"],
                              "pass only one"),
+    # precision
+    "precision: fp16 on a CPU": (lambda e: e.train("--precision", "fp16"), "fp16 needs a CUDA GPU"),
+    "precision: unknown": (lambda e: e.train("--precision", "fp8"), "unknown precision 'fp8'"),
+    "precision: set through trainer.*": (lambda e: e.train("--set", "trainer.bf16=true"),
+                                         "trainer.bf16 is set by --precision"),
+    # model folders
+    "model folder without a tokenizer": (lambda e: e.train("--model", _model_without_tokenizer(e)),
+                                         "holds no tokenizer files"),
     # DeepSpeed
     "deepspeed: ZeRO-3": (lambda e: _deepspeed_file(e, 3), "ZeRO-3 partitions the weights"),
     "deepspeed: ZeRO-2 with AdaLoRA": (lambda e: _deepspeed_file(e, 2), "ZeRO-2 is not supported by adalora"),

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def train_args(model, glue_dir, out, method):
     return ["train", "--task", "sst2", "--method", method, "--model", model, "--data-dir", glue_dir,
             "--output-dir", out, "--budget", "4k", "--max-steps", "12", "--batch-size", "8",
             "--max-train-samples", "64", "--max-eval-samples", "48", "--max-seq-length", "32", "--seed", "3",
-            "--set", "save_steps=3", "--set", "logging_steps=3", *SCHEDULES[method]]
+            "--set", "save_steps=3", "--set", "logging_steps=3", *SCHEDULES.get(method, [])]
 
 
 @pytest.mark.parametrize("method", list(SCHEDULES))
@@ -64,6 +65,7 @@ def test_killed_then_resumed_run_equals_uninterrupted_run(tiny_bert_dir, glue_di
     killed = run_cli(train_args(tiny_bert_dir, glue_dir, resumed, method), ADALORA_TEST_KILL_AFTER_SAVE="6")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (resumed / rundir.METRICS).exists()
+    assert (resumed / files.LOCK).is_file()  # left by the killed run; its lock died with it
     assert checkpoints.last_complete_checkpoint(resumed, True).name == "checkpoint-6"
     partial = resumed / rundir.CHECKPOINTS / "checkpoint-9"  # as if the kill had hit the next save halfway
     partial.mkdir()
@@ -85,3 +87,82 @@ def test_killed_then_resumed_run_equals_uninterrupted_run(tiny_bert_dir, glue_di
     logged = [(e["step"], e["grad_norm"]) for e in json.loads((resumed / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]
     expected = [(e["step"], e["grad_norm"]) for e in json.loads((reference / rundir.TRAIN_LOG).read_text()) if "grad_norm" in e]
     assert logged == expected and len(logged) == 4  # steps 3, 6 (restored from the checkpoint), 9, 12
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """Same rank pattern, history, metrics and bit-identical adapter and head."""
+    for name in (rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.ADAPTER_CONFIG):
+        assert json.loads((resumed / name).read_text()) == json.loads((reference / name).read_text()), name
+    ours, theirs = (json.loads((d / rundir.METRICS).read_text()) for d in (resumed, reference))
+    assert ours["eval"] == pytest.approx(theirs["eval"], abs=1e-6)
+    for name in (rundir.ADAPTER, rundir.HEAD):
+        a, b = files.load_tensors(resumed / name), files.load_tensors(reference / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("method, signal_name, exit_code", [("adalora", "TERM", 143), ("prilora", "INT", 130)])
+def test_signal_stops_after_a_checkpoint_and_resume_equals_uninterrupted_run(tiny_bert_dir, glue_dir, tmp_path,
+                                                                            method, signal_name, exit_code):
+    """SIGTERM (a scheduler, a spot instance) or a first Ctrl-C: the step in progress finishes, a complete
+    checkpoint is written, one line names it and the resume command; the resumed run equals the uninterrupted one."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    run_in_process(train_args(tiny_bert_dir, glue_dir, reference, method))
+
+    # The signal arrives right after step 4; step 5 is then in progress: it finishes and is checkpointed.
+    proc = run_cli(train_args(tiny_bert_dir, glue_dir, stopped, method), ADALORA_TEST_SIGNAL_AT_STEP=f"4:{signal_name}")
+    assert proc.returncode == exit_code, proc.stderr[-3000:]
+    checkpoint = stopped / rundir.CHECKPOINTS / "checkpoint-5"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"adalora: stopped by SIG{signal_name} after optimizer step 5 of 12; checkpoint {checkpoint} holds the run; "
+        f"continue it with: adalora train --output-dir {stopped} --resume")
+    assert "Traceback" not in proc.stderr
+    assert checkpoints.last_complete_checkpoint(stopped, True) == checkpoint
+    assert not (stopped / rundir.METRICS).exists()
+
+    again = run_cli(["train", "--output-dir", stopped, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in again.stderr
+    assert_same_run(stopped, reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(train_args(tiny_bert_dir, glue_dir, out, "dylora"), ADALORA_TEST_SIGNAL_AT_STEP="4:INT:2")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "adalora: aborted"
+    assert "Traceback" not in proc.stderr
+    assert not (out / rundir.METRICS).exists()
+    assert checkpoints.last_complete_checkpoint(out, True).name == "checkpoint-3"  # the regular save before it
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tiny_bert_dir, glue_dir, tmp_path):
+    """Two `adalora train` on one --output-dir: the second (even with --overwrite) gets one line naming the first,
+    exit 2, and changes nothing; the first finishes intact."""
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text("")
+    first = subprocess.Popen(
+        [sys.executable, str(HOOKED_CLI), *map(str, train_args(tiny_bert_dir, glue_dir, out, "lora"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ADALORA_TEST_PAUSE_AT_STEP": "4",
+             "ADALORA_TEST_GATE": str(gate)})
+    try:
+        paused = gate.with_suffix(".paused")
+        for _ in range(1200):
+            if paused.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert paused.exists(), first.communicate()[1][-3000:]
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        second = run_cli([*train_args(tiny_bert_dir, glue_dir, out, "lora"), "--overwrite"])
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"adalora: error: output directory {out} is being written by "
+                                                       f"adalora train (pid {first.pid} on "), second.stderr
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    finally:
+        gate.unlink(missing_ok=True)
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert (out / rundir.METRICS).is_file() and (out / rundir.ADAPTER).is_file()
+    # the lock is released at the end: the next run may write the folder
+    assert files.RunLock(out).holder() is None
