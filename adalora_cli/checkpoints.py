@@ -34,7 +34,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # are, how often the log and checkpoints are written, evaluation only, and recomputation of activations.
 MAY_DIFFER_ON_RESUME = frozenset({
     "output_dir", "data_dir", "train_file", "validation_file", "eval_batch_size", "max_eval_samples",
-    "logging_steps", "save_steps", "gradient_checkpointing",
+    "logging_steps", "save_steps", "gradient_checkpointing", "report_to",
 })
 
 

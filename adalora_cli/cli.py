@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from adalora_cli.config import RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 
 
@@ -99,32 +100,75 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _default(key: str) -> str:
+    """A RunConfig default as `--help` shows it."""
+    value = getattr(RunConfig(), key)
+    return "none" if value is None else str(value)
+
+
+def _opt(key: str, help_: str, *names: str, shown: str | None = None, panel: str | None = None):
+    """An option of `train` whose help shows the RunConfig default (or `shown`)."""
+    return typer.Option(*names, help=help_, show_default=shown if shown is not None else _default(key),
+                        rich_help_panel=panel)
+
+
+DATA = "Data"
+EVAL = "Evaluation during training"
+
+
 @app.command()
 @user_errors
 def train(
-    task: Annotated[Optional[str], typer.Option(help="sst2, mnli, ..., squad, squad_v2 (see `adalora tasks`).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora, adalora, prilora, dylora or full (see `adalora methods`).")] = None,
-    budget: Annotated[Optional[str], typer.Option(help="Adapter parameters at the end: 300000, 300k, 0.3M.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hub id, local folder, or minilm-l6 (embedded).")] = None,
-    data_dir: DataDirOpt = None,
-    train_file: Annotated[Optional[str], typer.Option(help="Local training file, instead of --data-dir.")] = None,
-    validation_file: Annotated[Optional[str], typer.Option(help="Local evaluation file.")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Run directory to write.")] = None,
+    task: Annotated[Optional[str], _opt("task", "Required (here or in --config): sst2, mnli, ..., squad, "
+                                        "text-classification, text-regression (`adalora tasks`).", shown="none")] = None,
+    output_dir: Annotated[Optional[str], _opt("output_dir", "Required (here or in --config): the run directory to "
+                                              "write.", shown="none")] = None,
+    method: Annotated[Optional[str], _opt("method", "lora, adalora, prilora, dylora or full (`adalora methods`).")] = None,
+    budget: Annotated[Optional[str], _opt("budget", "Adapter parameters at the end: 300000, 300k, 0.3M.",
+                                          shown="none (each method's own default ranks)")] = None,
+    model: Annotated[Optional[str], _opt("model", "Hub id, local folder, or minilm-l6 (embedded).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; options override it.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Training epochs (default 3).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per device per micro-batch.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the method's).")] = None,
-    max_seq_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default: the task's).")] = None,
-    doc_stride: Annotated[Optional[int], typer.Option(help="SQuAD: tokens shared by context windows (default 128).")] = None,
-    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per step.")] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training rows.")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation rows.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 or fp16 autocast on a GPU, fp32 on CPU), "
-                                                     "fp32, bf16 or fp16.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations.")] = None,
-    trust_remote_code: Annotated[Optional[bool], typer.Option(help="Allow model code from the hub.")] = None,
+    data_dir: Annotated[Optional[str], _opt("data_dir", "Local data folder (GLUE TSVs, SQuAD JSON).",
+                                            shown="none: the hub", panel=DATA)] = None,
+    train_file: Annotated[Optional[str], _opt("train_file", "Training file (.csv .tsv .json .jsonl; GLUE TSV, "
+                                              "SQuAD JSON).", panel=DATA)] = None,
+    validation_file: Annotated[Optional[str], _opt("validation_file", "Evaluation file.", panel=DATA)] = None,
+    validation_split: Annotated[Optional[float], _opt("validation_split", "Share of the training data held out for "
+                                                      "evaluation when no validation data is given.", panel=DATA)] = None,
+    dataset: Annotated[Optional[str], _opt("dataset", "Hub dataset for text-classification / text-regression.",
+                                           panel=DATA)] = None,
+    dataset_config: Annotated[Optional[str], _opt("dataset_config", "Its configuration.", panel=DATA)] = None,
+    text_column: Annotated[Optional[str], _opt("text_column", "Text column.", shown="text / sentence / sentence1",
+                                               panel=DATA)] = None,
+    text_pair_column: Annotated[Optional[str], _opt("text_pair_column", "Second text of a pair.",
+                                                    shown="text_pair / sentence2 if present", panel=DATA)] = None,
+    label_column: Annotated[Optional[str], _opt("label_column", "Label column.", shown="label / labels / score",
+                                                panel=DATA)] = None,
+    epochs: Annotated[Optional[float], _opt("epochs", "Training epochs.")] = None,
+    max_steps: Annotated[Optional[int], _opt("max_steps", "Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "Examples per device per micro-batch.")] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], _opt("gradient_accumulation_steps",
+                                                               "Micro-batches per optimizer step.")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Peak learning rate.", shown="the method's")] = None,
+    max_seq_length: Annotated[Optional[int], _opt("max_seq_length", "Tokens per example.", shown="the task's")] = None,
+    doc_stride: Annotated[Optional[int], _opt("doc_stride", "SQuAD: tokens shared by context windows.")] = None,
+    max_train_samples: Annotated[Optional[int], _opt("max_train_samples", "Use only the first N training rows.")] = None,
+    max_eval_samples: Annotated[Optional[int], _opt("max_eval_samples", "Use only the first N evaluation rows.")] = None,
+    seed: Annotated[Optional[int], _opt("seed", "Random seed.")] = None,
+    precision: Annotated[Optional[str], _opt("precision", "auto (bf16 or fp16 autocast on a GPU, fp32 on a CPU), "
+                                             "fp32, bf16 or fp16.")] = None,
+    eval_every: Annotated[Optional[str], _opt("eval_every", "Evaluate every N optimizer steps, or 'epoch'.",
+                                              panel=EVAL)] = None,
+    keep_best: Annotated[Optional[bool], _opt("keep_best", "Save the best evaluated adapter (at the final budget), "
+                                              "not the last.", panel=EVAL)] = None,
+    metric: Annotated[Optional[str], _opt("metric", "Metric for --keep-best / --early-stopping.",
+                                          shown="the task's main metric", panel=EVAL)] = None,
+    early_stopping: Annotated[Optional[int], _opt("early_stopping", "Stop after N evaluations without improvement.",
+                                                  panel=EVAL)] = None,
+    report_to: Annotated[Optional[str], _opt("report_to", "tensorboard, wandb, mlflow or none (logs in "
+                                             "OUTPUT_DIR/logs).")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "Recompute activations.")] = None,
+    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "Allow model code from the hub.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output-dir from its last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.t_init=200 (repeatable).")] = None,
@@ -154,7 +198,7 @@ def eval_(
     rank_sweep: Annotated[bool, typer.Option(help="Evaluate an any-rank adapter at every rank 1..r_max.")] = False,
 ) -> None:
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
-    from adalora_cli.pipeline import run_eval
+    from adalora_cli.evaluation import run_eval
 
     result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep)
     if rank_sweep:
@@ -164,6 +208,25 @@ def eval_(
             typer.echo(f"{b:>4d}  " + "  ".join(f"{metrics[n]:>10.4f}" for n in names))
     else:
         typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+@user_errors
+def predict(
+    run: RunDirArg,
+    input_: Annotated[Path, typer.Option("--input", help="Rows to predict: the task's input columns (.csv .tsv .json "
+                                         ".jsonl; SQuAD-format JSON for squad tasks); a label column is ignored.")],
+    output: Annotated[Optional[Path], typer.Option(help="File to write.", show_default="stdout")] = None,
+    format_: Annotated[str, typer.Option("--format", help="jsonl (one {id, ...} per row), or glue (the GLUE "
+                                         "leaderboard's TSV, GLUE tasks).")] = "jsonl",
+    rank: Annotated[Optional[int], typer.Option(help="Predict with an any-rank (DyLoRA) adapter at this rank.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch.", show_default="the run's "
+                                                      "eval_batch_size")] = None,
+) -> None:
+    """Predict new rows with a trained run: one JSON line per input row, in input order."""
+    from adalora_cli.evaluation import run_predict
+
+    run_predict(run, input_, output, format_, rank, batch_size)
 
 
 @app.command("export-adapter")
@@ -211,6 +274,26 @@ def tasks() -> None:
 
     for name in available_tasks():
         typer.echo(f"{name:10s} {', '.join(get_task(name).metric_names)}")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("adalora-cli")
+        except PackageNotFoundError:
+            from adalora_cli import __version__ as number
+        typer.echo(f"adalora-cli {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Fine-tune Transformer models with adaptive-rank low-rank adapters under a parameter budget."""
 
 
 if __name__ == "__main__":

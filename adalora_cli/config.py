@@ -23,6 +23,9 @@ from adalora_cli.errors import UserError
 from adalora_cli.files import atomic_write_text
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
+TASK_SETTINGS = ("doc_stride", "n_best", "max_answer_length", "null_threshold", "text_column", "text_pair_column",
+                 "label_column", "label_names", "dataset", "dataset_config", "dataset_train_split", "dataset_eval_split")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -34,6 +37,15 @@ class RunConfig:
     data_dir: str | None = None
     train_file: str | None = None
     validation_file: str | None = None
+    validation_split: float = 0.1  # share of the training data held out when no validation data is given
+    dataset: str | None = None  # a hub dataset for the generic tasks (`datasets.load_dataset(dataset, dataset_config)`)
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_eval_split: str = "validation"
+    text_column: str | None = None  # generic tasks: detected from the training data when not given
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    label_names: list[str] | None = None  # classification: the classes, read off the training data
     output_dir: str | None = None
     seed: int = 0
     epochs: float = 3.0
@@ -52,6 +64,11 @@ class RunConfig:
     save_steps: int = 500
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto, fp32, bf16 or fp16 (devices.resolve_precision)
+    eval_every: str | None = None  # evaluate during training: every N optimizer steps, or "epoch"
+    keep_best: bool = False  # save the best evaluated adapter (at the final budget) instead of the last
+    metric: str | None = None  # what --keep-best and --early-stopping follow; default: the task's main metric
+    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    report_to: str = "none"  # tensorboard, wandb, mlflow or none; logs in OUTPUT_DIR/logs
     doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
     n_best: int = 20  # question answering: start and end candidates per window
     max_answer_length: int = 30  # question answering: longest answer, in tokens
@@ -72,7 +89,7 @@ class RunConfig:
 
     def task_settings(self) -> dict[str, Any]:
         """The settings handed to the task (`Task.with_settings`); tasks that have none ignore them."""
-        return {key: getattr(self, key) for key in ("doc_stride", "n_best", "max_answer_length", "null_threshold")}
+        return {key: getattr(self, key) for key in TASK_SETTINGS}
 
     def validate(self) -> None:
         from adalora_cli.methods import available_methods
@@ -103,8 +120,41 @@ class RunConfig:
 
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if not 0 < self.validation_split < 1:
+            raise UserError(f"validation_split must be a fraction in (0, 1), got {self.validation_split}; "
+                            "give e.g. --validation-split 0.1")
+        self._validate_evaluation()
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"unknown --report-to {self.report_to!r}; choose one of: {', '.join(REPORT_TO)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise UserError(f"data directory {self.data_dir} does not exist; pass the folder that holds the task's files")
+
+    def eval_steps(self) -> int | str | None:
+        """--eval-every as the Trainer wants it: a step count, "epoch", or None (no evaluation during training)."""
+        if self.eval_every is None or self.eval_every == "epoch":
+            return self.eval_every
+        return int(self.eval_every)
+
+    def _validate_evaluation(self) -> None:
+        from adalora_cli.tasks import get_task
+
+        if self.eval_every is not None:
+            text = str(self.eval_every)
+            if text != "epoch" and not (text.isdigit() and int(text) > 0):
+                raise UserError(f"--eval-every must be a number of optimizer steps or 'epoch', got {text!r}")
+            self.eval_every = text
+        for flag, on in (("--keep-best", self.keep_best), ("--early-stopping", self.early_stopping is not None),
+                         ("--metric", self.metric is not None)):
+            if on and self.eval_every is None:
+                raise UserError(f"{flag} follows the evaluations during training; add --eval-every N (optimizer "
+                                "steps) or --eval-every epoch")
+        if self.early_stopping is not None and self.early_stopping < 1:
+            raise UserError(f"--early-stopping must be at least 1 evaluation, got {self.early_stopping}")
+        if self.metric is not None:
+            names = get_task(self.task).metric_names
+            if self.metric not in names:
+                raise UserError(f"--metric {self.metric!r} is not a metric of {self.task}; choose one of: "
+                                f"{', '.join(names)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as written to a run's `config.yaml` (the run's method section only)."""

@@ -39,6 +39,17 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast_object(value):
+    """The main process's `value` on every process (unchanged in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
 # -- DeepSpeed ---------------------------------------------------------------------------------------
 def _read_deepspeed_config(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):

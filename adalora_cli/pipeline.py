@@ -1,5 +1,6 @@
-"""The one orchestration path: `run_train` (config -> model -> adapters -> Trainer -> run directory)
-and `run_eval` (run directory -> model -> metrics). Methods differ only through their registry record."""
+"""The one orchestration path: `run_train` (config -> data -> model -> adapters -> Trainer -> run directory).
+Methods differ only through their registry record; evaluation is `evaluation.evaluate`, the path `adalora eval`
+and `adalora predict` use too."""
 
 from __future__ import annotations
 
@@ -10,59 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from adalora_cli import checkpoints, devices, distributed, files, models, rundir
+from adalora_cli import checkpoints, devices, distributed, files, models, rundir, tracking
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
+from adalora_cli.evaluation import EvalSet, evaluate, max_length, quiet_datasets, read_data, require_hub
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
-from adalora_cli.tasks import Task, get_task
+from adalora_cli.tasks import Task
 
 logger = logging.getLogger("adalora_cli")
+LOGS = "logs"  # the trackers' folder inside the run directory
 
 
-def _quiet_datasets() -> None:
-    """Tokenising a few thousand rows needs no progress bar of its own; the Trainer's bar remains."""
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
-def configured_task(cfg: RunConfig) -> Task:
-    """The run's task with its task-specific settings applied (doc stride, n-best, ... for SQuAD)."""
-    return get_task(cfg.task).with_settings(**cfg.task_settings())
-
-
-def data_files(cfg: RunConfig, task: Task) -> dict[str, Path]:
-    """Split -> local file, from --train-file / --validation-file."""
-    files = {}
-    if cfg.train_file:
-        files[task.train_split] = Path(cfg.train_file)
-    if cfg.validation_file:
-        if len(task.eval_splits) != 1:
-            raise UserError(f"{task.name} has several evaluation sets; use --data-dir instead of --validation-file")
-        files[task.eval_splits[0].split] = Path(cfg.validation_file)
-    return files
-
-
-def load_split(task: Task, cfg: RunConfig, split: str, limit: int | None):
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    raw = task.load(split, data_dir, data_files(cfg, task))
-    if limit is not None and limit < len(raw):
-        raw = raw.select(range(limit))
-    return raw
-
-
-def max_length(cfg: RunConfig, task: Task, tokenizer) -> int:
-    wanted = cfg.max_seq_length or task.default_max_seq_length
-    limit = getattr(tokenizer, "model_max_length", None)
-    return min(wanted, limit) if isinstance(limit, int) and limit > 0 else wanted
-
-
-def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: str, adapter: bool):
+def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: str, adapter: bool,
+                       task: Task | None = None):
     """The Trainer's arguments for a run; `precision` is resolved (fp32, bf16 or fp16)."""
     from transformers import TrainingArguments
 
@@ -89,6 +54,8 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: s
     )
     if adapter:  # every adapter and head parameter takes part in every forward: skip DDP's search per step
         settings["ddp_find_unused_parameters"] = False
+    if cfg.eval_every is not None and task is not None:
+        settings.update(evaluation_settings(cfg, task))
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under DDP
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (old names deprecated)
         name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
@@ -105,46 +72,26 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: s
     return args
 
 
-def predict(model, features, tokenizer, batch_size: int, precision: str = "fp32"):
-    """The model's outputs (all but the loss) over `features`, in order, as numpy arrays (float32), computed
-    under the autocast of `precision` (resolved)."""
-    from transformers import DataCollatorWithPadding
-
-    columns = [c for c in tokenizer.model_input_names if c in features.column_names]
-    collate = DataCollatorWithPadding(tokenizer)
-    device = next(model.parameters()).device
-    model.eval()
-    outputs: list[tuple[np.ndarray, ...]] = []
-    with torch.no_grad(), devices.autocast(precision, device):
-        for start in range(0, len(features), batch_size):
-            rows = features[start:start + batch_size]
-            batch = collate([{c: rows[c][i] for c in columns} for i in range(len(rows[columns[0]]))])
-            result = model(**{k: v.to(device) for k, v in batch.items()})
-            outputs.append(tuple(v.float().cpu().numpy() for k, v in result.items() if k != "loss"))
-    return tuple(_concat_padded([o[i] for o in outputs]) for i in range(len(outputs[0]))) if outputs else ()
+def selection_metric(cfg: RunConfig, task: Task) -> str:
+    """The metric --keep-best and --early-stopping follow (with its suffix, as in metrics.json)."""
+    return cfg.metric or task.main_metric
 
 
-def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
-    """Concatenate along the batch axis, padding the sequence axis (per-token outputs) with -inf."""
-    if arrays[0].ndim < 2 or all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
-        return np.concatenate(arrays)
-    width = max(a.shape[1] for a in arrays)
-    return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
-                                  constant_values=-np.inf) for a in arrays])
-
-
-def evaluate(model, tokenizer, task: Task, cfg: RunConfig) -> dict[str, float]:
-    """Every evaluation set of the task, metric names suffixed per set (MNLI mismatched: `_mm`)."""
-    metrics = {}
-    length = max_length(cfg, task, tokenizer)
-    precision = devices.resolve_precision(cfg.precision)
-    for eval_split in task.eval_splits:
-        raw = load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
-        features = task.preprocess(raw, tokenizer, length, training=False)
-        predictions = predict(model, features, tokenizer, cfg.eval_batch_size, precision)
-        for name, value in task.compute_metrics(predictions, raw, features).items():
-            metrics[name + eval_split.suffix] = round(float(value), 6)
-    return metrics
+def evaluation_settings(cfg: RunConfig, task: Task) -> dict[str, Any]:
+    """Trainer settings for --eval-every and --keep-best: evaluate (and, keeping the best, checkpoint) at the same
+    steps; the best checkpoint is reloaded at the end. Which evaluations may count is AdapterTrainer's business."""
+    steps = cfg.eval_steps()
+    strategy = "epoch" if steps == "epoch" else "steps"
+    settings: dict[str, Any] = {"eval_strategy": strategy}
+    if strategy == "steps":
+        settings["eval_steps"] = steps
+    if cfg.keep_best:
+        metric = selection_metric(cfg, task)
+        settings.update(save_strategy=strategy, load_best_model_at_end=True, metric_for_best_model=metric,
+                        greater_is_better=task.greater_is_better(metric))
+        if strategy == "steps":
+            settings["save_steps"] = steps
+    return settings
 
 
 def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any] | None:
@@ -155,17 +102,18 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     directory and evaluates; the others return None. SIGTERM or Ctrl-C stops training after a checkpoint
     (`errors.Interrupted`).
     """
-    _quiet_datasets()
-    task, method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
+    quiet_datasets()
+    method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
     out = Path(cfg.output_dir)
     lock = files.RunLock(out)
     lock.check()  # another process writes this folder: say so before any work
     resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
     if not resume:
         rundir.prepare_output_dir(out, overwrite)
-    train_raw = _read_data(cfg, task)
+    require_hub(cfg)
+    task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
     args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr, precision,
-                              method.adapter)  # starts DDP if launched
+                              method.adapter, task)  # starts DDP if launched
     main = args.process_index == 0
     if not main:
         logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
@@ -182,17 +130,17 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
                 rundir.reset_output_dir(out)
                 dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
         distributed.barrier()
-        trainer = _make_trainer(built, method, method_cfg, args, train_features, resume_from)
+        trainer = _make_trainer(cfg, task, evals, built, method, method_cfg, args, train_features, resume_from)
         runtime = _train(trainer, resume_from, out, method)
         if not main:
             return None
-        return _finish_run(cfg, task, method, built, trainer, runtime, precision, resume_from is not None)
+        return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None)
     finally:
         lock.release()
 
 
 def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
-    """Validate the run's settings before any work; returns (task, method, method config, precision)."""
+    """Validate the run's settings before any work; returns (method, method config, precision)."""
     cfg.validate()
     if not cfg.output_dir:
         raise UserError("no output directory; pass --output-dir")
@@ -201,18 +149,10 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
     for key in ("data_dir", "train_file", "validation_file"):  # the saved config must work from any folder
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
-    task, method, method_cfg = configured_task(cfg), get_method(cfg.method), cfg.method_config()
+    method, method_cfg = get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
-    return task, method, method_cfg, devices.resolve_precision(cfg.precision)
-
-
-def _read_data(cfg: RunConfig, task: Task):
-    """The training split; every evaluation split is read too, so that bad data fails before any model work."""
-    task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
-    train_raw = load_split(task, cfg, task.train_split, cfg.max_train_samples)
-    for eval_split in task.eval_splits:
-        load_split(task, cfg, eval_split.split, cfg.max_eval_samples)
-    return train_raw
+    tracking.check_installed(cfg.report_to)
+    return method, method_cfg, devices.resolve_precision(cfg.precision)
 
 
 @dataclass
@@ -263,10 +203,11 @@ def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
         raise UserError("the main process could not lock the output directory; see its message")
 
 
-def _make_trainer(built: BuiltModel, method, method_cfg, args, train_features, resume_from: Path | None):
+def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: BuiltModel, method, method_cfg, args,
+                  train_features, resume_from: Path | None):
     from transformers import DataCollatorWithPadding
 
-    from adalora_cli.training import AdapterTrainer, AllocationCallback
+    from adalora_cli.training import AdapterTrainer, AllocationCallback, EarlyStopping
 
     allocation = None
     if method.make_allocator is not None:
@@ -275,14 +216,20 @@ def _make_trainer(built: BuiltModel, method, method_cfg, args, train_features, r
     elif method.needs_allocator:
         raise RuntimeError(f"method {method.name} needs an allocator")
     regulariser = method.regulariser(list(built.layers.values()), method_cfg) if method.regulariser else None
+    callbacks = tracking.callbacks(cfg.report_to, Path(cfg.output_dir) / LOGS)
+    metric = selection_metric(cfg, task)
+    if cfg.early_stopping is not None:
+        callbacks.append(EarlyStopping(cfg.early_stopping, metric, task.greater_is_better(metric)))
     return AdapterTrainer(
         model=built.model,
         args=args,
         train_dataset=train_features,
         data_collator=DataCollatorWithPadding(built.tokenizer),
         processing_class=built.tokenizer,
+        callbacks=callbacks,
         regulariser=regulariser,
         allocation=allocation,
+        evaluator=lambda: evaluate(built.model, built.tokenizer, task, evals, cfg) if cfg.eval_every else None,
     )
 
 
@@ -320,9 +267,9 @@ def _interrupted_message(trainer, out: Path) -> str:
             f"{checkpoint} holds the run; continue it with: adalora train --output-dir {out} --resume")
 
 
-def _finish_run(cfg: RunConfig, task: Task, method, built: BuiltModel, trainer, runtime: float, precision: str,
-                resumed: bool) -> dict[str, Any]:
-    """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the plots."""
+def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
+                precision: str, resumed: bool) -> dict[str, Any]:
+    """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures."""
     out = Path(cfg.output_dir)
     model, layers, allocation = built.model, built.layers, trainer.allocation
     rank_pattern = rundir.write_adapter(out, method, model, layers, built.head, cfg, built.targets)
@@ -338,7 +285,7 @@ def _finish_run(cfg: RunConfig, task: Task, method, built: BuiltModel, trainer, 
     if cfg.budget is not None and method.adapter and adapter_params > cfg.budget:
         raise RuntimeError(f"adapter holds {adapter_params} parameters, over the budget {cfg.budget}")
 
-    logger.info("evaluating on %s", ", ".join(e.split for e in task.eval_splits))
+    logger.info("evaluating on %s", ", ".join(e.name for e in evals))
     metrics = {
         "task": task.name,
         "method": method.name,
@@ -350,16 +297,39 @@ def _finish_run(cfg: RunConfig, task: Task, method, built: BuiltModel, trainer, 
         "steps": int(trainer.state.global_step),
         "precision": precision,
         "train_runtime_s": round(float(runtime), 2),
-        "eval": evaluate(model, built.tokenizer, task, cfg),
     }
+    if cfg.keep_best:
+        metrics["best"] = _best(cfg, task, trainer)
+    metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg)
     files.write_json(out / rundir.METRICS, metrics)
-    if allocation is not None:  # adaptive methods: the final ranks and the budget curve (as `adalora inspect`)
-        from adalora_cli.report import write_rank_plot
-
-        logger.info("rank allocation: %s", write_rank_plot(out))
+    _draw(out, allocation is not None, cfg.report_to, trainer)
     logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",
                 format_count(cfg.budget) if cfg.budget and method.adapter else "none")
     return metrics
+
+
+def _best(cfg: RunConfig, task: Task, trainer) -> dict[str, Any] | None:
+    """The evaluation --keep-best chose (its adapter is the one saved), or None when none was eligible."""
+    state = trainer.state
+    if state.best_global_step is None or state.best_metric is None:
+        logger.warning("--keep-best: no evaluation was at the final budget, so none could be chosen; the run keeps "
+                       "its last adapter")
+        return None
+    logger.info("--keep-best: kept the adapter of step %d (%s %.4f)", state.best_global_step,
+                selection_metric(cfg, task), state.best_metric)
+    return {"step": int(state.best_global_step), "metric": selection_metric(cfg, task),
+            "value": round(float(state.best_metric), 6)}
+
+
+def _draw(out: Path, adaptive: bool, report_to: str, trainer) -> None:
+    """The learning curve, and for adaptive methods the rank allocation; both go to the tracker too."""
+    from adalora_cli.report import write_learning_curve, write_rank_plot
+
+    pictures = [write_learning_curve(out)]
+    if adaptive:  # the final ranks and the budget curve (as `adalora inspect`)
+        pictures.append(write_rank_plot(out))
+    logger.info("pictures: %s", ", ".join(str(p) for p in pictures))
+    tracking.log_images(report_to, out / LOGS, pictures, trainer)
 
 
 def _divergence_message(exc, out: Path, needs_allocator: bool) -> str:
@@ -389,49 +359,3 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-
-
-def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
-             rank_sweep: bool = False) -> dict[str, Any]:
-    """Reload a run (or native export) and evaluate it; writes eval.json into the run folder.
-
-    With `rank`, an any-rank adapter (DyLoRA) is evaluated truncated to that rank; with `rank_sweep`, at
-    every rank from 1 to r_max (written to eval_ranks.json).
-    """
-    _quiet_datasets()
-    cfg = rundir.read_run_config(run, data_dir)
-    task = configured_task(cfg)
-    task.check_sources(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task))
-    saved = rundir.read_adapter_config(run)
-    method = get_method(saved.method)
-    if (rank is not None or rank_sweep) and not method.any_rank:
-        raise UserError(f"--rank and --rank-sweep need an adapter trained for any rank (dylora); "
-                        f"this run used {saved.method}")
-    r_max = max(saved.rank_pattern().values(), default=0)
-    if rank is not None and not 1 <= rank <= r_max:
-        raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
-    cfg, saved, model, tokenizer, layers = rundir.load_run(run, data_dir)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    if rank_sweep:
-        by_rank = {}
-        for b in range(1, r_max + 1):
-            _set_rank(layers, b)
-            by_rank[b] = evaluate(model, tokenizer, task, cfg)
-            logger.info("rank %d: %s", b, by_rank[b])
-        files.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
-        from adalora_cli.report import plot_rank_sweep
-
-        plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
-        return by_rank
-    if rank is not None:
-        _set_rank(layers, rank)
-    metrics = evaluate(model, tokenizer, task, cfg)
-    files.write_json(Path(run) / "eval.json",
-                      {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics})
-    return metrics
-
-
-def _set_rank(layers: dict, rank: int) -> None:
-    for layer in layers.values():
-        layer.set_rank(rank)

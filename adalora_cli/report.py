@@ -21,6 +21,7 @@ from adalora_cli.errors import UserError
 from adalora_cli.inject import MATRIX_KINDS
 
 PLOT = "rank_allocation.png"
+CURVE = "learning_curve.png"
 
 # Tick labels as the paper writes them.
 _KIND_LABELS = {"Wq": "$W_q$", "Wk": "$W_k$", "Wv": "$W_v$", "Wo": "$W_o$", "Wf1": "$W_{f_1}$", "Wf2": "$W_{f_2}$"}
@@ -252,3 +253,66 @@ def plot_rank_sweep(by_rank: dict[int, dict[str, float]], path: Path, title: str
     if title:
         ax.set_title(title, fontsize=10)
     return _save_png(fig, path)
+
+
+# -- the learning curve ------------------------------------------------------------------------------------
+
+def write_learning_curve(run: Path) -> Path:
+    """RUN/learning_curve.png from train_log.json: the training loss (task loss and regulariser) over optimizer
+    steps and, when the run evaluated during training, every evaluation metric, with evaluations before an
+    adaptive method's final budget drawn hollow and the one --keep-best chose starred."""
+    run = Path(run)
+    log = files.read_json(run / rundir.TRAIN_LOG)
+    metrics = files.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
+    return plot_learning_curve(log, run / CURVE, f"{run.resolve().name}: learning curve", metrics.get("best"))
+
+
+def plot_learning_curve(log: list[dict], path: Path, title: str = "", best: dict | None = None) -> Path:
+    from matplotlib.figure import Figure
+
+    train = [e for e in log if "loss" in e and "step" in e]
+    evals = [e for e in log if any(k.startswith("eval_") for k in e) and "step" in e]
+    fig = Figure(figsize=(10.5 if evals else 5.6, 3.8), dpi=130, layout="constrained")
+    axes = fig.subplots(1, 2 if evals else 1)
+    ax_loss = axes[0] if evals else axes
+    for key, style in (("loss", "-"), ("task_loss", "--"), ("regulariser", ":")):
+        points = [(e["step"], e[key]) for e in train if key in e]
+        if points:
+            ax_loss.plot(*zip(*points), style, label=key.replace("_", " "))
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    if train:
+        ax_loss.legend(fontsize=8, frameon=False)
+    else:
+        ax_loss.text(0.5, 0.5, "no loss logged (fewer steps than logging_steps)", ha="center", va="center",
+                     transform=ax_loss.transAxes, fontsize=9, color="grey")
+    ax_loss.set_title("training", fontsize=10)
+    if evals:
+        _draw_evaluations(axes[1], evals, best)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save_png(fig, path)
+
+
+def _draw_evaluations(ax, evals: list[dict], best: dict | None) -> None:
+    names = sorted({k.removeprefix("eval_") for e in evals for k, v in e.items()
+                    if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")})
+    for name in names:
+        points = [(e["step"], e[f"eval_{name}"], e.get("eval_at_final_budget", True)) for e in evals
+                  if f"eval_{name}" in e]
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, label=name)
+        hollow = [(s, v) for s, v, final in points if not final]
+        if hollow:
+            ax.plot(*zip(*hollow), "o", markersize=6, markerfacecolor="white", color=line.get_color())
+    if best:
+        value = next((e[f"eval_{best['metric']}"] for e in evals if e["step"] == best["step"]
+                      and f"eval_{best['metric']}" in e), best["value"])
+        ax.plot([best["step"]], [value], "*", markersize=14, color="#c0392b", label=f"kept (step {best['step']})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("evaluation metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title("evaluation (hollow: before the final budget)" if any(not e.get("eval_at_final_budget", True)
+                                                                     for e in evals) else "evaluation", fontsize=10)

@@ -4,6 +4,7 @@ stop on a non-finite loss. All method logic stays in the method's file."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from adalora_cli import checkpoints, distributed
@@ -126,8 +128,11 @@ class AdapterTrainer(Trainer):
     MAX_SKIPPED_STEPS = 25  # the scale halves at every skip: 25 skips take 2^16 down to 2^-9
 
     def __init__(self, *args, regulariser: Callable[[], torch.Tensor] | None = None,
-                 allocation: AllocationCallback | None = None, stop_signals: StopSignals | None = None, **kwargs):
+                 allocation: AllocationCallback | None = None, stop_signals: StopSignals | None = None,
+                 evaluator: Callable[[], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.evaluator = evaluator  # the run's own evaluation (evaluation.evaluate), for --eval-every
+        self.eval_at_final_budget = True
         # Our task heads (sequence classification, QA) average their loss over the micro-batch and ignore the
         # Trainer's `num_items_in_batch`. The Trainer takes any model whose forward has **kwargs for one that
         # normalises by it: it would then skip its division by the accumulation steps (gradients x the number
@@ -177,6 +182,33 @@ class AdapterTrainer(Trainer):
                 f"fp16 loss scaling skipped {self._skipped_in_a_row} optimizer steps in a row (steps {first}-"
                 f"{self.state.global_step + 1}): the gradients are not finite at any scale; train with "
                 "--precision bf16 or fp32, or lower --lr")
+
+    # -- evaluation during training ------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The run's own evaluation (the one `adalora eval` runs), on the adapter as it would be saved now.
+
+        The main process evaluates and shares the numbers, so that every process takes the same --keep-best and
+        --early-stopping decisions. An adaptive method's adapter holds more than the budget until its final
+        phase: such an evaluation is logged but marked `at_final_budget: false`, and never chosen.
+        """
+        allocator = self.allocation.allocator if self.allocation is not None else None
+        with allocator.evaluation_view() if allocator is not None else contextlib.nullcontext():
+            metrics = self.evaluator() if self.is_world_process_zero() else None
+        metrics = distributed.broadcast_object(metrics)
+        self.eval_at_final_budget = allocator.at_final_budget() if allocator is not None else True
+        logs = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        logs[f"{metric_key_prefix}_at_final_budget"] = self.eval_at_final_budget
+        self.log(logs)
+        if not self.eval_at_final_budget:
+            logger.info("evaluation at step %d is before the final budget: shown, not used by --keep-best or "
+                        "--early-stopping", self.state.global_step)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
+        return logs
+
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        if not self.eval_at_final_budget:  # the adapter evaluated holds more parameters than the budget
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -233,3 +265,40 @@ class _StepGuard(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.trainer.stopped_by = self.trainer.stop_signals.name if self.trainer.stop_signals else "SIGTERM"
+
+
+class EarlyStopping(TrainerCallback, ExportableState):
+    """Stop after `patience` evaluations at the final budget without improving `metric` (earlier evaluations of an
+    adaptive method do not count). Its counters travel in every checkpoint's trainer_state.json."""
+
+    def __init__(self, patience: int, metric: str, greater_is_better: bool = True):
+        self.patience, self.metric, self.greater_is_better = patience, metric, greater_is_better
+        self.best: float | None = None
+        self.without_improvement = 0
+        self._restored = False
+
+    def state(self) -> dict:
+        return {"args": {"patience": self.patience, "metric": self.metric, "greater_is_better": self.greater_is_better},
+                "attributes": {"best": self.best, "without_improvement": self.without_improvement}}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self._restored:  # a resumed run: the counters of the checkpoint it continues from
+            saved = state.stateful_callbacks.get(type(self).__name__)
+            if isinstance(saved, dict):
+                for key, value in saved.get("attributes", {}).items():
+                    setattr(self, key, value)
+            self._restored = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or not metrics.get("eval_at_final_budget", True):
+            return
+        value = metrics[f"eval_{self.metric}"]
+        improved = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
+        if improved:
+            self.best, self.without_improvement = value, 0
+            return
+        self.without_improvement += 1
+        if self.without_improvement >= self.patience:
+            logger.info("early stopping at step %d: %s has not improved on %.4f for %d evaluation(s)",
+                        state.global_step, self.metric, self.best, self.without_improvement)
+            control.should_training_stop = True

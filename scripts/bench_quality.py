@@ -63,7 +63,8 @@ def run_peft_adalora(job: dict, args) -> dict:
     from adalora_cli.inject import find_targets
     from adalora_cli.methods import get_method
     from adalora_cli.methods.adalora import AdaLoraConfig, resolve_schedule
-    from adalora_cli.pipeline import evaluate, load_split, max_length, training_arguments
+    from adalora_cli.evaluation import evaluate, max_length, read_data
+    from adalora_cli.pipeline import training_arguments
     from adalora_cli.tasks import get_task
 
     budget = parse_budget(args.budget)
@@ -86,8 +87,8 @@ def run_peft_adalora(job: dict, args) -> dict:
         beta1=ours_cfg.beta1, beta2=ours_cfg.beta2, orth_reg_weight=ours_cfg.orth_reg,
         lora_alpha=int(ours_cfg.alpha), total_step=args.steps)
     tokenizer = models.load_tokenizer(cfg.model)
-    features = task.preprocess(load_split(task, cfg, task.train_split, cfg.max_train_samples), tokenizer,
-                               max_length(cfg, task, tokenizer), training=True)
+    task, train_raw, evals = read_data(cfg)
+    features = task.preprocess(train_raw, tokenizer, max_length(cfg, task, tokenizer), training=True)
     set_seed(cfg.seed)
     model, _ = models.load_model(cfg.model, hf_config, task.model_kind)
     model = peft.get_peft_model(model, peft_config)
@@ -110,7 +111,7 @@ def run_peft_adalora(job: dict, args) -> dict:
             kept += rank * (module.in_features + module.out_features + 1)
     metrics = {"task": task.name, "method": "peft-adalora", "model": cfg.model, "budget": budget,
                "adapter_params": kept, "steps": trainer.state.global_step,
-               "train_runtime_s": round(time.time() - started, 2), "eval": evaluate(model, tokenizer, task, cfg)}
+               "train_runtime_s": round(time.time() - started, 2), "eval": evaluate(model, tokenizer, task, evals, cfg)}
     Path(job["out"], "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

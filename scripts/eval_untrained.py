@@ -22,24 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str]) -> int:
     from transformers import set_seed
 
-    from adalora_cli import models, pipeline
+    from adalora_cli import evaluation, models
     from adalora_cli.config import make_config
     from adalora_cli.errors import UserError
 
     try:
         cfg = make_config(None, argv)
         cfg.validate()
-        task = pipeline.configured_task(cfg)
+        evaluation.quiet_datasets()
+        task, _, evals = evaluation.read_data(cfg, training=False)
         hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
         tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
         set_seed(cfg.seed)  # as run_train does just before loading the model: the same fresh head
         model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
-        pipeline._quiet_datasets()
         import torch
 
         if torch.cuda.is_available():
             model.to("cuda")
-        metrics = pipeline.evaluate(model, tokenizer, task, cfg)
+        metrics = evaluation.evaluate(model, tokenizer, task, evals, cfg)
     except UserError as exc:
         print(f"eval_untrained: error: {exc}", file=sys.stderr)
         return 2

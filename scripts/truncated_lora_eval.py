@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_cli import rundir  # noqa: E402
-from adalora_cli.pipeline import configured_task, evaluate  # noqa: E402
+from adalora_cli.evaluation import evaluate, read_data  # noqa: E402
 
 
 def truncate(layers: dict, rank: int, alpha: float | None) -> None:
@@ -48,7 +48,8 @@ def main() -> None:
         if saved.method != "lora":
             raise SystemExit(f"{args.run} is a {saved.method} run; this baseline is for plain LoRA runs")
         truncate(layers, rank, None if args.keep_scale else cfg.method_config().alpha)
-        results[rank] = evaluate(model, tokenizer, configured_task(cfg), cfg)
+        task, _, evals = read_data(cfg, training=False)
+        results[rank] = evaluate(model, tokenizer, task, evals, cfg)
         print(f"rank {rank}: {results[rank]}", flush=True)
     print(json.dumps(results))
 

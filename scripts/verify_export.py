@@ -62,8 +62,7 @@ def main() -> int:
 
     from adalora_cli import models, rundir
     from adalora_cli.export import run_export
-    from adalora_cli.pipeline import load_split, max_length, predict
-    from adalora_cli.tasks import get_task
+    from adalora_cli.evaluation import max_length, model_outputs, read_data
 
     import datasets
 
@@ -71,15 +70,16 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cfg, saved, ours, tokenizer, _ = rundir.load_run(args.run, args.data_dir)
-    task = get_task(cfg.task)
-    raw = load_split(task, cfg, task.eval_splits[0].split, None)
+    cfg.max_eval_samples = None  # the whole evaluation set
+    task, _, evals = read_data(cfg, training=False)
+    raw = evals[0].raw
     length = max_length(cfg, task, tokenizer)
     features = task.preprocess(raw, tokenizer, length, training=False)
     labels = np.asarray(raw["label"])
     first, second = task.spec.keys
     texts = [[t] for t in raw[first]] if second is None else [list(p) for p in zip(raw[first], raw[second])]
 
-    logits = {"ours": predict(ours, features, tokenizer, cfg.eval_batch_size)[0]}
+    logits = {"ours": model_outputs(ours, features, tokenizer, cfg.eval_batch_size)[0]}
     pattern = json.loads((args.run / rundir.RANK_PATTERN).read_text())
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.keep or Path(scratch)
@@ -88,7 +88,7 @@ def main() -> int:
             base = models.resolve_model(cfg.model)
             auto = getattr(transformers, models.MODEL_CLASSES[task.model_kind])
             peft_model = PeftModel.from_pretrained(auto.from_pretrained(base, num_labels=task.num_labels), peft_dir)
-            logits["peft"] = predict(peft_model.eval(), features, tokenizer, cfg.eval_batch_size)[0]
+            logits["peft"] = model_outputs(peft_model.eval(), features, tokenizer, cfg.eval_batch_size)[0]
             peft_ranks = {name.removeprefix("base_model.model."): module.r["default"]
                           for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
             expected = {name: r for name, r in pattern.items() if r > 0}

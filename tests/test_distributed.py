@@ -29,7 +29,8 @@ HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 RUN_FILES = {rundir.CONFIG, rundir.ADAPTER, rundir.HEAD, rundir.ADAPTER_CONFIG, rundir.TOKENIZER,
-             rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.TRAIN_LOG, rundir.METRICS, "rank_allocation.png"}
+             rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.TRAIN_LOG, rundir.METRICS, "rank_allocation.png",
+             "learning_curve.png"}
 
 
 def train_args(model, glue_dir, out, method, batch_size, *extra):

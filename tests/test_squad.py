@@ -296,7 +296,7 @@ def test_null_answer_against_threshold(tokenizer, long_example):
     assert task.answers((start, end), long_example, features)[0] == ""  # 7 - 6 > 0
     assert task.with_settings(null_threshold=1.5).answers((start, end), long_example, features)[0] == ANSWER
     assert get_task("squad").answers((start, end), long_example, features)[0] == ANSWER  # v1.1 has no null answer
-    texts, gaps = task.spans((start, end), long_example, features)
+    texts, gaps, _ = task.spans((start, end), long_example, features)
     assert texts[0] == ANSWER and gaps[0] == pytest.approx(1.0)
 
 

@@ -377,6 +377,9 @@ class AdaLoraAllocator(Allocator):
         self.budget = self.bT
         self._record(self.schedule.total)
 
+    def at_final_budget(self) -> bool:
+        return self.frozen  # from the first step of the final phase on, the kept set is the final budget's
+
     # -- reporting and state ----------------------------------------------------------------------
     def kept_ranks(self) -> list[int]:
         """Every layer's kept rank, read from the device in one transfer (not one host sync per layer)."""

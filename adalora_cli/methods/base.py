@@ -7,6 +7,7 @@ the package talks to methods only through this record, the `AdapterLinear` layer
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -167,6 +168,15 @@ class Allocator:
 
     def finalize(self) -> None:
         """Called once when training ends: leave the adapter in the state that will be saved."""
+
+    def at_final_budget(self) -> bool:
+        """Whether the adapter now holds no more than the final budget (evaluations before that are not chosen)."""
+        return True
+
+    def evaluation_view(self):
+        """A context in which the adapter is as it would be saved if training ended now (evaluation during
+        training runs in it); the training state is restored on exit."""
+        return contextlib.nullcontext()
 
     def log_values(self) -> dict[str, float]:
         """Numbers worth showing in the training log (budget, kept parameters)."""

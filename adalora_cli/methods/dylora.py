@@ -13,6 +13,7 @@ and a resumed run continues the same sequence (the generator state is checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +134,17 @@ class RankSampler(Allocator):
     def finalize(self) -> None:
         for layer in self.layers:
             layer.set_rank(self.r_max)  # evaluate and save at full rank unless asked otherwise
+
+    @contextlib.contextmanager
+    def evaluation_view(self):
+        """The adapter at r_max, as it is saved; the rank drawn for the current step comes back afterwards."""
+        for layer in self.layers:
+            layer.set_rank(self.r_max)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.set_rank(self.draws[-1])
 
     def log_values(self) -> dict[str, float]:
         return {"rank": self.draws[-1]}

@@ -21,6 +21,7 @@ Choices the paper leaves open, made here on purpose:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,19 @@ class InputNormPruner(Allocator):
 
     def finalize(self) -> None:
         self.prune()
+
+    @contextlib.contextmanager
+    def evaluation_view(self):
+        """A as it would be saved now (pruned, as `finalize` leaves it); the training A comes back afterwards."""
+        kept = [layer.lora_A.detach().clone() for layer in self.layers]
+        prunes = self.prunes
+        self.prune()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([layer.lora_A for layer in self.layers], kept)
+            self.prunes = prunes
 
     def nonzero_params(self) -> int:
         return sum(layer.nonzero_count() for layer in self.layers)

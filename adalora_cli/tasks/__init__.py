@@ -34,6 +34,16 @@ class Task:
     train_split: str = "train"
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
+    group_column: str | None = None  # rows sharing this column's value are held out together (SQuAD: the article)
+
+    @property
+    def main_metric(self) -> str:
+        """The metric that --keep-best and --early-stopping follow unless --metric names another."""
+        return self.metric_names[0]
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return metric not in ("mse", "loss", "perplexity")
 
     def with_settings(self, **settings: Any) -> "Task":
         """This task with a run's task-specific settings (RunConfig.task_settings: doc stride, n-best...)
@@ -57,6 +67,30 @@ class Task:
 
     def load(self, split: str, data_dir: Path | None, files: dict[str, Path]):
         """The raw split as a `datasets.Dataset`."""
+        raise NotImplementedError
+
+    def hub_dataset(self, data_dir: Path | None, files: dict[str, Path]) -> tuple[str, str | None] | None:
+        """(name, configuration) of the hub dataset the task would read with these sources, or None when every
+        split is local."""
+        return None
+
+    def has_hub_split(self, split: str) -> bool:
+        """Whether the task's hub data holds `split` (when it does not, a share of the training data is held out)."""
+        return True
+
+    def settings_from_data(self, raw, source: str) -> dict[str, Any]:
+        """Settings read off the training data (columns, class names) for the run's config; none by default."""
+        return {}
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        """Fail with one line on rows the task cannot use (empty text, unknown label); nothing by default."""
+
+    def prediction_inputs(self, path: Path):
+        """(rows to predict as a `datasets.Dataset` of the task's input columns, their ids) from a file."""
+        raise NotImplementedError
+
+    def prediction_records(self, predictions, raw, features) -> list[dict[str, Any]]:
+        """One JSON-able record per row of `raw` for `adalora predict` (without the id)."""
         raise NotImplementedError
 
     def preprocess(self, raw, tokenizer, max_seq_length: int, training: bool):
@@ -92,3 +126,4 @@ def available_tasks() -> list[str]:
 
 from adalora_cli.tasks import glue  # noqa: E402,F401  (registers the GLUE tasks)
 from adalora_cli.tasks import squad  # noqa: E402,F401  (registers squad and squad_v2)
+from adalora_cli.tasks import text  # noqa: E402,F401  (registers text-classification and text-regression)

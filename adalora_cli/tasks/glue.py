@@ -145,6 +145,10 @@ class GlueTask(Task):
         # Accept both the GLUE root (<dir>/SST-2/train.tsv) and the task folder itself (<dir>/train.tsv).
         return folder / filename if (folder / filename).exists() else folder / self.spec.folder / filename
 
+    def hub_dataset(self, data_dir, files):
+        splits = [self.train_split] + [e.split for e in self.eval_splits]
+        return (HUB_DATASET, self.name) if any(self.local_path(s, data_dir, files) is None for s in splits) else None
+
     def load(self, split, data_dir, files):
         import datasets
 
@@ -166,7 +170,8 @@ class GlueTask(Task):
         def tokenize(batch):
             texts = (batch[first],) if second is None else (batch[first], batch[second])
             features = tokenizer(*texts, truncation=True, max_length=max_seq_length)
-            features["labels"] = np.asarray(batch["label"], dtype=label_dtype)
+            if "label" in batch:  # absent from rows to predict
+                features["labels"] = np.asarray(batch["label"], dtype=label_dtype)
             return features
 
         return raw.map(tokenize, batched=True, remove_columns=raw.column_names)
@@ -175,6 +180,39 @@ class GlueTask(Task):
         labels = np.asarray(raw["label"])
         logits = predictions[0] if isinstance(predictions, tuple) else predictions
         return glue_metrics(self.spec.metrics, np.asarray(logits), labels)
+
+    # -- predictions -----------------------------------------------------------------------------------
+
+    def prediction_inputs(self, path: Path):
+        """Rows to predict and their ids, from a table with the task's text columns named as on the hub
+        (`sentence`, `sentence1`...) or as in the GLUE files (`#1 String`...); a label column is ignored. GLUE's
+        own test files (index column, header) read as they are."""
+        from adalora_cli.data import read_table, row_ids, to_dataset
+
+        columns = read_table(path)
+        rows = {}
+        for key in (k for k in self.spec.keys if k is not None):
+            name = key if key in columns else self.spec.tsv_columns.get(key)
+            if name not in columns:
+                raise UserError(f"{path} has no column {key!r} (columns: {', '.join(columns)}); GLUE {self.name} "
+                                f"predicts from {' and '.join(k for k in self.spec.keys if k)}")
+            rows[key] = [str(v) for v in columns[name]]
+        return to_dataset(rows), row_ids(columns)
+
+    def prediction_records(self, predictions, raw, features):
+        from adalora_cli.tasks.text import classification_records
+
+        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        if self.spec.labels is None:
+            return [{"value": float(v)} for v in logits.reshape(-1)]
+        return classification_records(logits, list(self.spec.labels))
+
+    def leaderboard_label(self, record: dict) -> str:
+        """A prediction as the GLUE leaderboard's TSV wants it: label names for the NLI tasks, class ids for the
+        others, STS-B scores clipped to [0, 5]."""
+        if self.spec.labels is None:
+            return f"{min(5.0, max(0.0, record['value'])):.3f}"
+        return record["label"] if self.spec.label_text else str(self.spec.labels.index(record["label"]))
 
 
 def glue_metrics(names: tuple[str, ...], logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -122,6 +122,7 @@ class SquadTask(Task):
     model_kind = "question-answering"
     num_labels = 2  # the QA head: one start and one end logit per token
     default_max_seq_length = 384
+    group_column = "title"  # a held-out share takes whole articles: no context is both trained on and scored
 
     def __init__(self, spec: SquadSpec):
         self.spec = spec
@@ -140,6 +141,11 @@ class SquadTask(Task):
         if split in files:
             return Path(files[split])
         return Path(data_dir) / self.spec.files[split] if data_dir is not None else None
+
+    def hub_dataset(self, data_dir, files):
+        splits = [self.train_split] + [e.split for e in self.eval_splits]
+        return (self.spec.hub_dataset, None) if any(self.local_path(s, data_dir, files) is None for s in splits) \
+            else None
 
     def load(self, split, data_dir, files):
         import datasets
@@ -208,19 +214,38 @@ class SquadTask(Task):
 
     # -- answers and metrics ---------------------------------------------------------------------------
 
-    def spans(self, predictions, raw, features) -> tuple[list[str], list[float]]:
-        """The best span text of every question in `raw`, and its null gap (see `best_spans`)."""
+    def spans(self, predictions, raw, features) -> tuple[list[str], list[float], list[float]]:
+        """The best span text of every question in `raw`, its null gap and its score (see `best_spans`)."""
         start_logits, end_logits = predictions[0], predictions[1]
         return best_spans(start_logits, end_logits, list(features["example_index"]), list(features["offset_mapping"]),
                           list(raw["context"]), n_best=self.n_best, max_answer_length=self.max_answer_length)
 
     def answers(self, predictions, raw, features) -> list[str]:
         """The predicted answer text of every question in `raw` ("" for no answer)."""
-        texts, gaps = self.spans(predictions, raw, features)
+        texts, gaps, _ = self.spans(predictions, raw, features)
         return with_null_answers(texts, gaps, self.null_threshold) if self.spec.unanswerable else texts
 
+    def prediction_inputs(self, path: Path):
+        """Questions to answer from a SQuAD-format JSON file (answers, if present, are ignored), with their ids."""
+        import datasets
+
+        if Path(path).suffix.lower() != ".json":
+            raise UserError(f"{path}: {self.name} predicts from a SQuAD-format JSON file (data / paragraphs / qas)")
+        columns = read_squad_json(path, unanswerable=True)
+        return datasets.Dataset.from_dict(columns, features=_raw_features()), list(columns["id"])
+
+    def prediction_records(self, predictions, raw, features):
+        texts, gaps, scores = self.spans(predictions, raw, features)
+        records = []
+        for text, gap, score in zip(texts, gaps, scores):
+            if self.spec.unanswerable and gap > self.null_threshold:  # "no answer": the null score wins
+                text, score = "", (score + gap if np.isfinite(gap) else None)
+            records.append({"answer": text, "score": None if score is None or not np.isfinite(score)
+                            else round(float(score), 4)})
+        return records
+
     def compute_metrics(self, predictions, raw, features):
-        texts, gaps = self.spans(predictions, raw, features)
+        texts, gaps, _ = self.spans(predictions, raw, features)
         golds = [answer["text"] for answer in raw["answers"]]
         if not self.spec.unanswerable:
             return squad_v1_scores(texts, golds)
@@ -241,8 +266,9 @@ def answer_tokens(sequence_ids: list, offsets: list, start_char: int, end_char: 
 
 
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, example_index: list[int], offsets: list,
-               contexts: list[str], n_best: int = 20, max_answer_length: int = 30) -> tuple[list[str], list[float]]:
-    """The best valid span of every example over all its windows, as context text, and its null gap.
+               contexts: list[str], n_best: int = 20, max_answer_length: int = 30
+               ) -> tuple[list[str], list[float], list[float]]:
+    """The best valid span of every example over all its windows, as context text, its null gap and its score.
 
     `offsets[f][t]` is the character span of token t of window f in its context, or None outside the
     context. The null gap is the example's null score (smallest start + end logit at NULL_INDEX over its
@@ -270,12 +296,13 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, example_index: 
         if example not in best or score > best[example][0]:
             first, last = window[starts[i]], window[ends[j]]
             best[example] = (score, contexts[example][first[0]:last[1]])
-    texts, gaps = [], []
+    texts, gaps, scores = [], [], []
     for example in range(len(contexts)):
         score, text = best.get(example, (-np.inf, ""))
         texts.append(text)
         gaps.append(float(null.get(example, np.inf) - score) if example in best else np.inf)
-    return texts, gaps
+        scores.append(float(score))
+    return texts, gaps, scores
 
 
 def with_null_answers(texts: list[str], gaps: list[float], null_threshold: float) -> list[str]:
@@ -288,7 +315,7 @@ def best_answers(start_logits: np.ndarray, end_logits: np.ndarray, example_index
                  null_threshold: float | None = None) -> list[str]:
     """The answer text of every example: its best span (`best_spans`), or with `null_threshold` (v2.0) ""
     when the null score exceeds the best span score by more than the threshold."""
-    texts, gaps = best_spans(start_logits, end_logits, example_index, offsets, contexts, n_best, max_answer_length)
+    texts, gaps, _ = best_spans(start_logits, end_logits, example_index, offsets, contexts, n_best, max_answer_length)
     return texts if null_threshold is None else with_null_answers(texts, gaps, null_threshold)
 
 

@@ -1,0 +1,227 @@
+"""Generic tasks on the user's own data: `text-classification` and `text-regression`, single texts or pairs.
+
+Data: `--train-file` / `--validation-file` (.csv, .tsv, .json, .jsonl) or a hub dataset (`--dataset NAME
+[--dataset-config C]`, splits named by `dataset_train_split` / `dataset_eval_split`). Columns: `--text-column`,
+`--text-pair-column`, `--label-column`, or detected from the training data (text / sentence / sentence1;
+text_pair / sentence2; label / labels / score). What was detected, and the class names, are written into the
+run's config, so `eval`, `predict` and the exports use the same columns and classes.
+
+Classes are the distinct labels of the training data (strings or integers), sorted; their names are kept in
+metrics, predictions and every export's `id2label`. Metrics: accuracy and macro-F1 (two classes: also the F1 of
+the second class, `f1`); regression: Pearson, Spearman and mean squared error.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adalora_cli.data import TABLE_FORMATS, load_hub_dataset, pick_column, read_table, to_dataset
+from adalora_cli.errors import UserError
+from adalora_cli.tasks import EvalSplit, Task, register_task
+
+TEXT_COLUMNS = ("text", "sentence", "sentence1")
+PAIR_COLUMNS = ("text_pair", "sentence2")
+LABEL_COLUMNS = ("label", "labels", "score")
+SETTINGS = ("text_column", "text_pair_column", "label_column", "label_names", "dataset", "dataset_config",
+            "dataset_train_split", "dataset_eval_split")
+
+
+class TextTask(Task):
+    model_kind = "sequence-classification"
+    eval_splits = (EvalSplit("validation"),)
+
+    def __init__(self, name: str, regression: bool):
+        self.name = name
+        self.regression = regression
+        self.metric_names = ("pearson", "spearmanr", "mse") if regression else ("accuracy", "macro_f1", "f1")
+        self.text_column = self.text_pair_column = self.label_column = None
+        self.label_names: list[str] | None = None
+        self.dataset = self.dataset_config = None
+        self.dataset_train_split, self.dataset_eval_split = "train", "validation"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else len(self.label_names or ())
+
+    def with_settings(self, **settings: Any) -> "TextTask":
+        task = copy.copy(self)
+        for key in SETTINGS:
+            if settings.get(key) is not None:
+                setattr(task, key, list(settings[key]) if key == "label_names" else settings[key])
+        return task
+
+    def config_overrides(self) -> dict[str, Any]:
+        if self.regression:
+            name = self.label_column or "score"
+            return {"problem_type": "regression", "id2label": {0: name}, "label2id": {name: 0}}
+        names = self.label_names or []
+        return {"problem_type": "single_label_classification", "id2label": dict(enumerate(names)),
+                "label2id": {name: i for i, name in enumerate(names)}}
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def local_path(self, split, data_dir, files):
+        if split in files:
+            return Path(files[split])
+        if data_dir is not None:
+            raise UserError(f"{self.name} reads --train-file / --validation-file (or --dataset), not --data-dir")
+        return None
+
+    def check_sources(self, data_dir, files) -> None:
+        if self.train_split not in files and self.dataset is None:
+            raise UserError(f"{self.name} trains on your data: pass --train-file (one of {', '.join(TABLE_FORMATS)}) "
+                            "or --dataset NAME for a hub dataset")
+        super().check_sources(data_dir, files)
+
+    def hub_dataset(self, data_dir, files):
+        local = self.train_split in files and all(e.split in files for e in self.eval_splits)
+        return (self.dataset, self.dataset_config) if self.dataset is not None and not local else None
+
+    def load(self, split, data_dir, files):
+        path = self.local_path(split, data_dir, files)
+        if path is not None:
+            return to_dataset(read_table(path))
+        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+        return load_hub_dataset(self.dataset, self.dataset_config, name)
+
+    def has_hub_split(self, split: str) -> bool:
+        from adalora_cli.data import hub_split_names
+
+        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+        return self.dataset is not None and name in hub_split_names(self.dataset, self.dataset_config)
+
+    def settings_from_data(self, raw, source: str) -> dict[str, Any]:
+        """The columns (given or detected) and, for classification, the class names of the training data."""
+        found = list(raw.column_names)
+        settings = {
+            "text_column": pick_column(found, self.text_column, TEXT_COLUMNS, "text", "--text-column", source),
+            "text_pair_column": pick_column(found, self.text_pair_column, PAIR_COLUMNS, "text pair",
+                                            "--text-pair-column", source, required=False),
+            "label_column": pick_column(found, self.label_column, LABEL_COLUMNS, "label", "--label-column", source),
+        }
+        if not self.regression and self.label_names is None:
+            distinct = {str(v) for v in raw[settings["label_column"]] if v is not None and v != ""}
+            numeric = all(name.lstrip("-").isdigit() for name in distinct)  # integer labels, also as CSV text
+            settings["label_names"] = sorted(distinct, key=int if numeric else str)
+            if len(distinct) < 2:
+                raise UserError(f"{source} has {len(distinct)} distinct label(s) in column {settings['label_column']!r}; "
+                                "classification needs at least two classes")
+        return settings
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        found = list(raw.column_names)
+        columns = [(self.text_column, "--text-column")]
+        if self.text_pair_column:
+            columns.append((self.text_pair_column, "--text-pair-column"))
+        if labelled:
+            columns.append((self.label_column, "--label-column"))
+        for column, flag in columns:
+            pick_column(found, column, (), "", flag, source)
+        for column in self.input_columns():
+            for i, value in enumerate(raw[column]):
+                if not isinstance(value, str) or not value.strip():
+                    raise UserError(f"{source} row {i + 1}: {column!r} is {'empty' if value in ('', None) else repr(value)}; "
+                                    "every row needs a non-empty text (remove or fill that row)")
+        if labelled:
+            self.label_ids(raw, source)
+
+    def label_ids(self, raw, source: str = "the data") -> np.ndarray:
+        """The gold labels of `raw` as model targets: class ids, or float scores for regression."""
+        values = raw[self.label_column]
+        if self.regression:
+            targets = []
+            for i, value in enumerate(values):
+                try:
+                    if isinstance(value, bool):
+                        raise ValueError
+                    targets.append(float(value))
+                except (TypeError, ValueError):
+                    raise UserError(f"{source} row {i + 1}: {self.label_column!r} is {value!r}, not a number; "
+                                    "text-regression needs numeric targets") from None
+                if not np.isfinite(targets[-1]):
+                    raise UserError(f"{source} row {i + 1}: {self.label_column!r} is {value!r}; give a finite number")
+            return np.asarray(targets, dtype=np.float32)
+        index = {name: i for i, name in enumerate(self.label_names)}
+        ids = []
+        for i, value in enumerate(values):
+            if str(value) not in index:
+                raise UserError(f"{source} row {i + 1}: label {value!r} was not seen in the training data (classes: "
+                                f"{', '.join(self.label_names)}); fix the label or add such rows to the training data")
+            ids.append(index[str(value)])
+        return np.asarray(ids, dtype=np.int64)
+
+    # -- features and metrics --------------------------------------------------------------------------
+
+    def input_columns(self) -> list[str]:
+        return [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
+
+    def preprocess(self, raw, tokenizer, max_seq_length, training):
+        labelled = self.label_column in raw.column_names
+        targets = self.label_ids(raw) if labelled else None
+
+        def tokenize(batch, indices):
+            texts = [batch[column] for column in self.input_columns()]
+            features = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+            if targets is not None:
+                features["labels"] = targets[indices]
+            return features
+
+        return raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names)
+
+    def compute_metrics(self, predictions, raw, features):
+        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        labels = self.label_ids(raw)
+        if self.regression:
+            return regression_metrics(logits.reshape(-1), labels)
+        return classification_metrics(logits.argmax(axis=-1), labels, len(self.label_names))
+
+    def prediction_inputs(self, path: Path):
+        """Rows to predict (the run's text columns; a label column is ignored) and their ids."""
+        from adalora_cli.data import row_ids
+
+        columns = read_table(path)
+        raw = to_dataset({c: columns[c] for c in self.input_columns() if c in columns})
+        self.check_rows(raw, str(path), labelled=False)
+        return raw, row_ids(columns)
+
+    def prediction_records(self, predictions, raw, features) -> list[dict[str, Any]]:
+        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        if self.regression:
+            return [{"value": float(v)} for v in logits.reshape(-1)]
+        return classification_records(logits, self.label_names)
+
+
+def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    metrics = {"accuracy": float(accuracy_score(labels, predicted)),
+               "macro_f1": float(f1_score(labels, predicted, average="macro", labels=list(range(num_classes)),
+                                          zero_division=0))}
+    if num_classes == 2:
+        metrics["f1"] = float(f1_score(labels, predicted, pos_label=1, zero_division=0))
+    return metrics
+
+
+def regression_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+
+    constant = np.ptp(scores) == 0 or np.ptp(labels) == 0  # correlations are undefined: report 0
+    return {"pearson": 0.0 if constant else float(pearsonr(scores, labels)[0]),
+            "spearmanr": 0.0 if constant else float(spearmanr(scores, labels)[0]),
+            "mse": float(np.mean((scores - labels) ** 2))}
+
+
+def classification_records(logits: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """Per row: the predicted class name and the softmax probability of every class."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    return [{"label": names[int(row.argmax())], "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)}}
+            for row in probabilities]
+
+
+register_task(TextTask("text-classification", regression=False))
+register_task(TextTask("text-regression", regression=True))
