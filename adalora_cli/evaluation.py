@@ -66,17 +66,23 @@ def require_hub(cfg: RunConfig, data: bool = True) -> None:
     """Fail within seconds, naming everything missing, when the run needs the hub and cannot reach it."""
     task = configured_task(cfg)
     needs = [hub.model_need(cfg.model)]
-    dataset = task.hub_dataset(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task)) if data else None
+    splits = [task.train_split] + ([] if _train_file_only(cfg) else [e.split for e in task.eval_splits])
+    dataset = task.hub_dataset(Path(cfg.data_dir) if cfg.data_dir else None, data_files(cfg, task), splits) \
+        if data else None
     if dataset is not None:
         needs.append(hub.HubNeed("dataset", *dataset))
     hub.require(needs)
+
+
+def _train_file_only(cfg: RunConfig) -> bool:
+    return bool(cfg.train_file) and not (cfg.validation_file or cfg.data_dir)
 
 
 def holds_out(cfg: RunConfig, task: Task) -> bool:
     """Whether the run has no validation data of its own: then a share of the training data is held out."""
     if cfg.validation_file or cfg.data_dir:
         return False
-    return bool(cfg.train_file) or not task.has_hub_split(task.eval_splits[0].split)
+    return _train_file_only(cfg) or not task.has_hub_split(task.eval_splits[0].split)
 
 
 def read_data(cfg: RunConfig, training: bool = True) -> tuple[Task, Any, list[EvalSet]]:

@@ -34,6 +34,9 @@ FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# PEFT's adapter_config.json has no place for the task's labels: they go beside it, for the base model's loader
+# (`AutoModelFor*.from_pretrained(base, **labels)`), so that predictions name the classes.
+PEFT_LABELS = "labels.json"
 PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "QUESTION_ANS"}
 
 # Files of a run that a native export carries over unchanged (the last three serve `adalora inspect`).
@@ -184,8 +187,11 @@ def peft_config(cfg, saved, factors: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None:
-    """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes.
-    Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer for them."""
+    """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes, and for
+    classification labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer
+    for them."""
+    from adalora_cli.tasks import get_task
+
     kept = {name: f for name, f in factors.items() if f.rank > 0}
     if not kept:
         raise UserError("every adapted module was pruned to rank 0, so there is no LoRA adapter; use --format merged")
@@ -198,6 +204,9 @@ def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None
         tensors[PEFT_PREFIX + name] = params[name]
     files.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     files.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, kept))
+    if PEFT_TASK_TYPES.get(get_task(saved.task).model_kind) == "SEQ_CLS":
+        labels = {key: getattr(model.config, key) for key in ("id2label", "label2id")}
+        files.write_json(folder / PEFT_LABELS, {"num_labels": len(labels["id2label"]), **labels})
 
 
 # -- merged ----------------------------------------------------------------------------------------------

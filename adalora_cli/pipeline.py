@@ -224,6 +224,7 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
         model=built.model,
         args=args,
         train_dataset=train_features,
+        eval_dataset=evals[0].raw if cfg.eval_every else None,  # required by the Trainer; evaluate() reads `evals`
         data_collator=DataCollatorWithPadding(built.tokenizer),
         processing_class=built.tokenizer,
         callbacks=callbacks,

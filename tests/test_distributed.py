@@ -89,12 +89,16 @@ def test_adalora_on_two_processes_with_gradient_checkpointing(tiny_bert_no_dropo
 
 @pytest.mark.parametrize("method, extra", [
     ("prilora", ["--gradient-accumulation-steps", "2"]),  # input statistics summed over micro-batches and processes
-    ("dylora", []),  # the same rank drawn on both processes
+    ("dylora", ["--eval-every", "2", "--keep-best"]),  # the same rank drawn, the same best chosen on both processes
 ])
 def test_other_adaptive_methods_on_two_processes(tiny_bert_dir, glue_dir, tmp_path, method, extra):
     out = tmp_path / method
     proc, traces = torchrun(train_args(tiny_bert_dir, glue_dir, out, method, 4, *extra), tmp_path / "trace")
     check_same_decisions_and_one_writer(proc, traces, out, 10)
+    if "--keep-best" in extra:
+        evaluations = [e for e in json.loads((out / rundir.TRAIN_LOG).read_text()) if "eval_accuracy" in e]
+        assert [e["step"] for e in evaluations] == [2, 4, 6, 8, 10]
+        assert json.loads((out / rundir.METRICS).read_text())["best"]["step"] in (2, 4, 6, 8, 10)
 
 
 @pytest.mark.parametrize("method, stage, fragment", [

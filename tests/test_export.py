@@ -86,7 +86,7 @@ def peft_ranks(model) -> dict[str, int]:
 def check_peft_round_trip(run, out):
     result = export_cli(run, "peft", out)
     assert result.exit_code == 0, result.stderr + result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
     model = peft_model(run, out)
     tokenizer = rundir.load_run(run)[3]
     with torch.no_grad():
@@ -226,7 +226,7 @@ def test_overwrite_replaces_an_export(trained, tmp_path):
     assert result.exit_code == 2 and "pass --overwrite" in result.stderr
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert export_cli(run, "peft", out, "--overwrite").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
 
 

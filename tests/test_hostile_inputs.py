@@ -38,13 +38,27 @@ class Env:
     lora_run: Path
     dylora_run: Path
 
-    def train(self, *extra, out="run", method="adalora", budget="4k") -> list[str]:
-        args = ["train", "--task", "sst2", "--method", method, "--model", self.model, "--data-dir", str(self.glue),
-                "--output-dir", str(self.tmp / out), "--max-steps", "2", "--batch-size", "4",
-                "--max-train-samples", "16", "--max-eval-samples", "8", "--max-seq-length", "16"]
+    def train(self, *extra, out="run", method="adalora", budget="4k", task="sst2", data=True) -> list[str]:
+        args = ["train", "--task", task, "--method", method, "--model", self.model, "--output-dir", str(self.tmp / out),
+                "--max-steps", "2", "--batch-size", "4", "--max-train-samples", "16", "--max-eval-samples", "8",
+                "--max-seq-length", "16"]
+        if data:
+            args += ["--data-dir", str(self.glue)]
         if budget is not None:
             args += ["--budget", budget]
         return args + [str(a) for a in extra]
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def own(self, name: str, text: str, *extra, dev: str | None = None, task="text-classification") -> list[str]:
+        """A generic-task run on a training file holding `text` (and a validation file holding `dev`)."""
+        files = ["--train-file", self.write(name, text)]
+        if dev is not None:
+            files += ["--validation-file", self.write("dev" + Path(name).suffix, dev)]
+        return self.train(*files, *extra, task=task, data=False)
 
     def train_on(self, train_text: str | bytes, dev: Path | None = None) -> list[str]:
         """A run whose SST-2 training file has `train_text` (the real dev file unless `dev` is given)."""
@@ -186,6 +200,46 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "resume: no such folder": (lambda e: ["train", "--output-dir", str(e.tmp / "none"), "--resume"], "does not exist"),
     "resume and overwrite": (lambda e: ["train", "--output-dir", str(e.started_run()), "--resume", "--overwrite"],
                              "pass only one"),
+    # your own data
+    "own data: no training file": (lambda e: e.train(task="text-classification", data=False), "pass --train-file"),
+    "own data: unknown file type": (lambda e: e.own("rows.xlsx", "text,label\nfine,good\n"), "unknown file type .xlsx"),
+    "own data: no text column": (lambda e: e.own("rows.csv", "words,label\nfine,good\nbad,poor\n"),
+                                 "has no text column (text / sentence / sentence1; columns: words, label); "
+                                 "pick one with --text-column"),
+    "own data: missing named column": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,poor\n",
+                                                       "--label-column", "stars"),
+                                       "has no column 'stars' (columns: text, label); pick one with --label-column"),
+    "own data: empty text": (lambda e: e.own("rows.jsonl", '{"text": "fine", "label": 1}\n{"text": " ", "label": 0}\n'),
+                             "row 2: 'text' is empty"),
+    "own data: label unseen in training": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,poor\n",
+                                                           dev="text,label\nso so,neutral\n"),
+                                           "label 'neutral' was not seen in the training data"),
+    "own data: regression target not a number": (lambda e: e.own("rows.csv", "text,score\nfine,4.5\nbad,low\n",
+                                                                 task="text-regression"), "is 'low', not a number"),
+    "own data: one class only": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,good\n"),
+                                 "classification needs at least two classes"),
+    "own data: ragged CSV row": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,poor,extra\n"),
+                                 "line 3 has 3 field(s), the header has 2"),
+    # evaluation during training
+    "--keep-best without --eval-every": (lambda e: e.train("--keep-best"), "add --eval-every"),
+    "--eval-every not a count": (lambda e: e.train("--eval-every", "often"), "--eval-every must be"),
+    "--metric of another task": (lambda e: e.train("--eval-every", "2", "--metric", "pearson"),
+                                 "--metric 'pearson' is not a metric of sst2"),
+    "--report-to unknown": (lambda e: e.train("--report-to", "comet"), "unknown --report-to 'comet'"),
+    # the hub, offline
+    "offline: model and data from the hub": (lambda e: ["train", "--task", "sst2", "--output-dir", str(e.tmp / "run"),
+                                                        "--budget", "0.3M"],
+                                             "HF_HUB_OFFLINE is set and the local cache lacks model "
+                                             "microsoft/deberta-v3-base, dataset nyu-mll/glue (sst2)"),
+    # predict
+    "predict: input without the text column": (lambda e: ["predict", str(e.copy_run(e.lora_run)), "--input",
+                                                          str(e.write("rows.csv", "words\nfine\n"))],
+                                               "has no column 'sentence'"),
+    "predict: glue format for own data": (lambda e: ["predict", str(e.copy_run(e.lora_run)), "--input",
+                                                     str(e.write("rows.csv", "sentence\nfine\n")), "--format", "tsv"],
+                                          "unknown prediction format 'tsv'"),
+    "predict: missing input file": (lambda e: ["predict", str(e.copy_run(e.lora_run)), "--input",
+                                               str(e.tmp / "none.csv")], "does not exist"),
     # precision
     "precision: fp16 on a CPU": (lambda e: e.train("--precision", "fp16"), "fp16 needs a CUDA GPU"),
     "precision: unknown": (lambda e: e.train("--precision", "fp8"), "unknown precision 'fp8'"),

@@ -69,9 +69,9 @@ class Task:
         """The raw split as a `datasets.Dataset`."""
         raise NotImplementedError
 
-    def hub_dataset(self, data_dir: Path | None, files: dict[str, Path]) -> tuple[str, str | None] | None:
-        """(name, configuration) of the hub dataset the task would read with these sources, or None when every
-        split is local."""
+    def hub_dataset(self, data_dir: Path | None, files: dict[str, Path], splits: list[str]) -> tuple[str, str | None] | None:
+        """(name, configuration) of the hub dataset the task would read `splits` from with these sources, or None
+        when every one of them is local."""
         return None
 
     def has_hub_split(self, split: str) -> bool:

@@ -145,8 +145,7 @@ class GlueTask(Task):
         # Accept both the GLUE root (<dir>/SST-2/train.tsv) and the task folder itself (<dir>/train.tsv).
         return folder / filename if (folder / filename).exists() else folder / self.spec.folder / filename
 
-    def hub_dataset(self, data_dir, files):
-        splits = [self.train_split] + [e.split for e in self.eval_splits]
+    def hub_dataset(self, data_dir, files, splits):
         return (HUB_DATASET, self.name) if any(self.local_path(s, data_dir, files) is None for s in splits) else None
 
     def load(self, split, data_dir, files):

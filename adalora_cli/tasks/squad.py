@@ -142,8 +142,7 @@ class SquadTask(Task):
             return Path(files[split])
         return Path(data_dir) / self.spec.files[split] if data_dir is not None else None
 
-    def hub_dataset(self, data_dir, files):
-        splits = [self.train_split] + [e.split for e in self.eval_splits]
+    def hub_dataset(self, data_dir, files, splits):
         return (self.spec.hub_dataset, None) if any(self.local_path(s, data_dir, files) is None for s in splits) \
             else None
 

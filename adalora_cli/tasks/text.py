@@ -77,8 +77,8 @@ class TextTask(Task):
                             "or --dataset NAME for a hub dataset")
         super().check_sources(data_dir, files)
 
-    def hub_dataset(self, data_dir, files):
-        local = self.train_split in files and all(e.split in files for e in self.eval_splits)
+    def hub_dataset(self, data_dir, files, splits):
+        local = all(split in files for split in splits)
         return (self.dataset, self.dataset_config) if self.dataset is not None and not local else None
 
     def load(self, split, data_dir, files):
@@ -124,8 +124,9 @@ class TextTask(Task):
         for column in self.input_columns():
             for i, value in enumerate(raw[column]):
                 if not isinstance(value, str) or not value.strip():
-                    raise UserError(f"{source} row {i + 1}: {column!r} is {'empty' if value in ('', None) else repr(value)}; "
-                                    "every row needs a non-empty text (remove or fill that row)")
+                    shown = "empty" if value is None or (isinstance(value, str) and not value.strip()) else repr(value)
+                    raise UserError(f"{source} row {i + 1}: {column!r} is {shown}; every row needs a non-empty text "
+                                    "(remove or fill that row)")
         if labelled:
             self.label_ids(raw, source)
 

@@ -1,0 +1,59 @@
+"""The user's own data, made from the real GLUE files in the shapes users bring: other column names, string labels,
+CSV / JSONL, three classes from binned scores, regression targets.
+
+    python tests/own_data.py GLUE_DIR OUT_DIR      # writes every file below into OUT_DIR
+
+- reviews-{train,dev}.jsonl: SST-2 sentences as {"review": ..., "sentiment": "negative" | "positive"}
+- similarity-{train,dev}.csv: STS-B pairs as first,second,similarity with similarity low (< 2), mid, high (>= 3.5)
+- relatedness-{train,dev}.csv: STS-B pairs as premise,hypothesis,relatedness (the 0-5 score)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def glue_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def write_reviews(glue: Path, out: Path, split: str, limit: int | None = None) -> Path:
+    names = {"0": "negative", "1": "positive"}
+    rows = glue_rows(glue / "SST-2" / f"{split}.tsv")[:limit]
+    path = out / f"reviews-{split}.jsonl"
+    path.write_text("".join(json.dumps({"review": r["sentence"], "sentiment": names[r["label"]]}) + "\n" for r in rows))
+    return path
+
+
+def similarity_class(score: float) -> str:
+    return "low" if score < 2.0 else "high" if score >= 3.5 else "mid"
+
+
+def write_sts(glue: Path, out: Path, split: str, kind: str, limit: int | None = None) -> Path:
+    """STS-B pairs as CSV: kind "similarity" (three classes) or "relatedness" (the score)."""
+    rows = glue_rows(glue / "STS-B" / f"{split}.tsv")[:limit]
+    path = out / f"{kind}-{split}.csv"
+    columns = ["first", "second", "similarity"] if kind == "similarity" else ["premise", "hypothesis", "relatedness"]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            score = float(r["score"])
+            writer.writerow([r["sentence1"], r["sentence2"], similarity_class(score) if kind == "similarity" else score])
+    return path
+
+
+def write_all(glue: Path, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_reviews(glue, out, "train"), write_reviews(glue, out, "dev"),
+            *(write_sts(glue, out, split, kind) for kind in ("similarity", "relatedness") for split in ("train", "dev"))]
+
+
+if __name__ == "__main__":
+    for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
+        print(written)
