@@ -166,3 +166,19 @@ def test_orthogonality_regulariser_by_hand():
         expected += np.linalg.norm(A @ A.T - np.eye(3)) + np.linalg.norm(B.T @ B - np.eye(3))
     assert value.item() == pytest.approx(0.3 * expected / 4, rel=1e-5)
     assert orthogonality_regulariser(layers, AdaLoraConfig(orth_reg=0.0)) is None
+
+
+def test_orthogonality_gradient_equals_autograd_of_the_formula():
+    """The regulariser computes its own gradient (group by group, see `_GramPenalty`): it equals autograd's on the
+    plain formula, for factors of several shapes."""
+    layers = [make_layer(5, 4, rank=3, seed=0), make_layer(5, 4, rank=3, seed=1), make_layer(7, 6, rank=2, seed=2)]
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+    orthogonality_regulariser(layers, AdaLoraConfig(orth_reg=0.3))().backward()
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    reference = sum(torch.linalg.matrix_norm(l.lora_A @ l.lora_A.T - torch.eye(l.lora_A.shape[0]))
+                    + torch.linalg.matrix_norm(l.lora_B.T @ l.lora_B - torch.eye(l.lora_B.shape[1])) for l in layers)
+    (0.3 * reference / 6).backward()
+    for mine, p in zip(ours, params):
+        torch.testing.assert_close(mine, p.grad, rtol=1e-5, atol=1e-7)

@@ -1,5 +1,5 @@
-"""DyLoRA: truncation equals LoRA built from the first b components, frozen mode trains only component b,
-and the rank draws stay within [r_min, r_max] and resume exactly."""
+"""DyLoRA: truncation equals LoRA built from the first b components; the default (non-frozen) mode trains every
+component 1..b and frozen mode only component b; the rank draws stay within [r_min, r_max] and resume exactly."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from adalora_cli.methods.dylora import DyLoraConfig, DyLoraLinear, RankSampler, 
 from adalora_cli.methods.lora import LoraLinear
 
 
-def trained_layer(r_max=6, mode="frozen", seed=0):
+def trained_layer(r_max=6, mode="nonfrozen", seed=0):
     torch.manual_seed(seed)
     layer = DyLoraLinear(torch.nn.Linear(10, 7), r_max, alpha=16.0, mode=mode)
     with torch.no_grad():
@@ -46,12 +46,25 @@ def test_frozen_mode_changes_only_component_b():
     assert changed_rows == [3] and changed_cols == [3]
 
 
-def test_full_mode_trains_all_first_b_components():
-    layer = trained_layer(mode="full").train()
+def test_the_default_mode_trains_every_component_up_to_b():
+    """The paper's headline mode (non-frozen, Table 2): at a step drawn at rank b, gradients reach components
+    1..b of both A and B, and nothing beyond b."""
+    assert DyLoraConfig().mode == "nonfrozen"
+    layer = trained_layer(mode=DyLoraConfig().mode).train()
     layer.set_rank(4)
     layer(torch.randn(8, 10)).pow(2).sum().backward()
     assert (layer.lora_A.grad[:4].abs().sum(dim=1) > 0).all()
-    assert torch.count_nonzero(layer.lora_A.grad[4:]) == 0
+    assert (layer.lora_B.grad[:, :4].abs().sum(dim=0) > 0).all()
+    assert torch.count_nonzero(layer.lora_A.grad[4:]) == 0 and torch.count_nonzero(layer.lora_B.grad[:, 4:]) == 0
+
+
+def test_the_earlier_mode_name_is_still_accepted(caplog):
+    cfg = DyLoraConfig(mode="full")
+    with caplog.at_level("WARNING", logger="adalora_cli"):
+        cfg.validate()
+    assert cfg.mode == "nonfrozen"
+    with pytest.raises(UserError, match="dylora.mode must be one of nonfrozen, frozen"):
+        DyLoraConfig(mode="all").validate()
 
 
 def test_sampler_draws_in_range_identically_and_resumes():

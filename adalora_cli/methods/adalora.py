@@ -146,13 +146,43 @@ def make_layer(base: nn.Linear, rank: int, scaling: float, cfg: AdaLoraConfig) -
     return AdaLoraLinear(base, rank, scaling, cfg.dropout)
 
 
+class _GramPenalty(torch.autograd.Function):
+    """sum_i ||Q_i Q_i^T - I||_F over same-shape r x d matrices Q_i, with its gradient 2 S_i Q_i / ||S_i||_F
+    (S_i = Q_i Q_i^T - I, symmetric) computed in the same pass.
+
+    Computing the gradient here, group by group, keeps autograd from running one small product per matrix in an
+    order that mixes shapes: CPU BLAS libraries re-plan small products whenever the shape changes, which made this
+    term cost 100-400 ms per step at DeBERTaV3-base's shape, against a few ms now. On a GPU each group is one
+    batched product.
+    """
+
+    @staticmethod
+    def forward(ctx, *Qs):
+        with torch.no_grad():
+            if Qs[0].is_cuda:
+                M = torch.stack(Qs)
+                S = torch.bmm(M, M.mT)
+                S.diagonal(dim1=1, dim2=2).sub_(1)
+                norms = torch.linalg.matrix_norm(S)
+                grads = (2 * torch.bmm(S, M) / norms.clamp_min(1e-12).view(-1, 1, 1)).unbind()
+            else:
+                eye = torch.eye(Qs[0].shape[0], dtype=Qs[0].dtype)
+                Ss = [Q @ Q.T - eye for Q in Qs]
+                norms = torch.stack([torch.linalg.matrix_norm(S) for S in Ss])
+                grads = [2 * (S @ Q) / max(float(n), 1e-12) for S, Q, n in zip(Ss, Qs, norms)]
+        ctx.save_for_backward(*grads)
+        return norms.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return tuple(g * grad_output for g in ctx.saved_tensors)
+
+
 def orthogonality_regulariser(layers: list[AdapterLinear], cfg: AdaLoraConfig) -> Callable[[], torch.Tensor] | None:
     """gamma * mean over the 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (unsquared, as released).
 
-    Both terms are the r x r Gram matrix of a factor along its rank axis. Factors of the same shape are
-    stacked and handled by one batched product per group: a handful of kernels per step instead of six per
-    layer. Q (r x d_in) is stacked as it is and multiplied by its transpose view; P (d_out x r) likewise with
-    the transpose on the other side, so no transposed copy is ever made.
+    Both terms are the r x r Gram matrix of a factor along its rank axis: Q = lora_A as it is, P = lora_B through
+    its transpose (a view, never a copy). Factors of the same shape are handled together (`_GramPenalty`).
     """
     if cfg.orth_reg == 0 or not layers:
         return None
@@ -162,17 +192,11 @@ def orthogonality_regulariser(layers: list[AdapterLinear], cfg: AdaLoraConfig) -
             param = getattr(layer, name)
             groups.setdefault((name, tuple(param.shape)), []).append(param)
     weight = cfg.orth_reg / (2 * len(layers))
-    eyes: dict[tuple, torch.Tensor] = {}
 
     def regulariser() -> torch.Tensor:
         total = 0.0
         for (name, _), params in groups.items():
-            M = torch.stack(params)  # g x r x d_in (Q) or g x d_out x r (P)
-            gram = torch.bmm(M, M.mT) if name == "lora_A" else torch.bmm(M.mT, M)  # g x r x r
-            key = (gram.shape[-1], gram.device, gram.dtype)
-            if key not in eyes:
-                eyes[key] = torch.eye(key[0], device=key[1], dtype=key[2])
-            total = total + torch.linalg.matrix_norm(gram - eyes[key]).sum()
+            total = total + _GramPenalty.apply(*(p if name == "lora_A" else p.T for p in params))
         return weight * total
 
     return regulariser
