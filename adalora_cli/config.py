@@ -24,7 +24,9 @@ from adalora_cli.files import atomic_write_text
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
 TASK_SETTINGS = ("doc_stride", "n_best", "max_answer_length", "null_threshold", "text_column", "text_pair_column",
-                 "label_column", "label_names", "dataset", "dataset_config", "dataset_train_split", "dataset_eval_split")
+                 "label_column", "label_names", "dataset", "dataset_config", "dataset_train_split", "dataset_eval_split",
+                 "source_column", "target_column", "prompt_column", "completion_column", "max_target_length",
+                 "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
@@ -46,6 +48,16 @@ class RunConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     label_names: list[str] | None = None  # classification: the classes, read off the training data
+    source_column: str | None = None  # generation: source -> target (seq2seq, xsum...), detected when not given
+    target_column: str | None = None
+    prompt_column: str | None = None  # causal-lm: prompt -> completion (loss on the completion only)
+    completion_column: str | None = None
+    max_target_length: int | None = None  # generation: target tokens kept (default: the task's)
+    num_beams: int | None = None  # generation settings; None: the task's (the papers' for the benchmarks)
+    length_penalty: float | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    no_repeat_ngram_size: int | None = None
     output_dir: str | None = None
     seed: int = 0
     epochs: float = 3.0
@@ -103,7 +115,7 @@ class RunConfig:
                 raise UserError(f"unknown config section {section!r}; method sections: {', '.join(available_methods())}")
             self.method_config(section)
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
-        positive += ("n_best", "max_answer_length")
+        positive += ("n_best", "max_answer_length", "max_target_length", "num_beams", "max_new_tokens")
         for key in positive + ("max_steps", "max_seq_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -162,6 +162,82 @@ def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
                                   constant_values=-np.inf) for a in arrays])
 
 
+def generation_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: str = "fp32",
+                       generate: bool = True, progress: str | None = None) -> dict[str, Any]:
+    """What a generation task is scored on: the summed token loss of the labelled rows and its token count
+    (teacher forcing), and the text `generate` writes for every row with the task's settings (each distinct
+    input generated once: E2E's meaning representations have several references)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    causal = task.model_kind == "causal-lm"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad(), devices.autocast(precision, device):
+        if "labels" in features.column_names:
+            for start in range(0, len(features), batch_size):
+                rows = features[start:start + batch_size]
+                loss, count = _token_loss(model, rows, pad, causal, device)
+                loss_sum, tokens = loss_sum + loss, tokens + count
+        texts = []
+        if generate:
+            inputs = task.generation_inputs(features)
+            distinct = list(dict.fromkeys(tuple(ids) for ids in inputs))
+            written = {}
+            starts = range(0, len(distinct), batch_size)
+            for start in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr, unit="batch"):
+                chunk = distinct[start:start + batch_size]
+                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, task.generation, pad, causal, device)):
+                    written[ids] = text
+            texts = [written[tuple(ids)] for ids in inputs]
+    return {"loss_sum": loss_sum, "tokens": tokens, "texts": texts}
+
+
+def _padded(sequences: list[list[int]], value: int, left: bool, device) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    rows = [[value] * (width - len(s)) + list(s) if left else list(s) + [value] * (width - len(s)) for s in sequences]
+    return torch.tensor(rows, device=device)
+
+
+def _token_loss(model, rows: dict, pad: int, causal: bool, device) -> tuple[float, int]:
+    """(summed cross-entropy over the label tokens, their count) of one batch, computed from the logits so that
+    every model counts the same tokens (a decoder-only model predicts token t+1 from position t)."""
+    import torch.nn.functional as F
+
+    input_ids = _padded(rows["input_ids"], pad, False, device)
+    attention = _padded(rows["attention_mask"], 0, False, device)
+    labels = _padded(rows["labels"], -100, False, device)
+    if causal:
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        labels = labels[:, 1:]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, labels=labels).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return float(loss), int((labels != -100).sum())
+
+
+def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, pad: int, causal: bool,
+              device) -> list[str]:
+    """`generate` on a batch of inputs (left-padded for a decoder-only model), decoded without the prompt."""
+    input_ids = _padded(inputs, pad, causal, device)
+    attention = _padded([[1] * len(ids) for ids in inputs], 0, causal, device)
+    generated = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False, pad_token_id=pad,
+                               eos_token_id=tokenizer.eos_token_id, **settings)
+    if causal:
+        generated = generated[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: str, generate: bool = True,
+                 progress: str | None = None):
+    """What the task is scored on: generated text for generation tasks, one forward's outputs for the others."""
+    if task.generates:
+        return generation_outputs(model, features, tokenizer, task, batch_size, precision, generate, progress)
+    return model_outputs(model, features, tokenizer, batch_size, precision, progress)
+
+
 def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig) -> dict[str, float]:
     """Every evaluation set, metric names suffixed per set; features are built on first use and kept."""
     metrics = {}
@@ -170,7 +246,8 @@ def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig)
         if eval_set.features is None:
             eval_set.features = task.preprocess(eval_set.raw, tokenizer, max_length(cfg, task, tokenizer),
                                                 training=False)
-        outputs = model_outputs(model, eval_set.features, tokenizer, cfg.eval_batch_size, precision)
+        outputs = task_outputs(model, eval_set.features, tokenizer, task, cfg.eval_batch_size, precision,
+                               generate=not getattr(task, "plain_lm", False))
         for name, value in task.compute_metrics(outputs, eval_set.raw, eval_set.features).items():
             metrics[name + eval_set.suffix] = round(float(value), 6)
     return metrics
@@ -190,17 +267,17 @@ def _check_rank(saved, method, rank: int | None, sweep: bool) -> int:
 
 
 def _load_for_inference(run: Path, data_dir: str | None, rank: int | None, sweep: bool = False):
-    """(cfg, saved, model on the GPU when there is one, tokenizer, layers, r_max) of a run, checked first."""
+    """(the loaded run, its r_max): the model on the GPU when there is one, at `rank` when given; checked first."""
     from adalora_cli.methods import get_method
 
     saved = rundir.read_adapter_config(rundir.require_run(run))
     r_max = _check_rank(saved, get_method(saved.method), rank, sweep)
-    cfg, saved, model, tokenizer, layers = rundir.load_run(run, data_dir)
+    loaded = rundir.load_run(run, data_dir)
     if torch.cuda.is_available():
-        model.to("cuda")
+        loaded.model.to("cuda")
     if rank is not None:
-        set_rank(layers, rank)
-    return cfg, saved, model, tokenizer, layers, r_max
+        set_rank(loaded.layers, rank)
+    return loaded, r_max
 
 
 def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
@@ -213,8 +290,8 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
     quiet_datasets()
     cfg = rundir.read_run_config(run, data_dir)
     require_hub(cfg)
-    task, _, evals = read_data(cfg, training=False)
-    cfg, saved, model, tokenizer, layers, r_max = _load_for_inference(run, data_dir, rank, rank_sweep)
+    _, _, evals = read_data(cfg, training=False)
+    (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, data_dir, rank, rank_sweep)
     if rank_sweep:
         by_rank = {}
         for b in range(1, r_max + 1):
@@ -256,10 +333,10 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))
-    cfg, saved, model, tokenizer, layers, _ = _load_for_inference(run, None, rank)
+    (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, None, rank)
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
-    outputs = model_outputs(model, features, tokenizer, batch_size or cfg.eval_batch_size,
-                            devices.resolve_precision(cfg.precision), progress=f"predicting {len(raw):,} rows")
+    outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
+                           devices.resolve_precision(cfg.precision), progress=f"predicting {len(raw):,} rows")
     records = task.prediction_records(outputs, raw, features)
     if fmt == "glue":
         text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))

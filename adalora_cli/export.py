@@ -37,7 +37,8 @@ PEFT_PREFIX = "base_model.model."
 # PEFT's adapter_config.json has no place for the task's labels: they go beside it, for the base model's loader
 # (`AutoModelFor*.from_pretrained(base, **labels)`), so that predictions name the classes.
 PEFT_LABELS = "labels.json"
-PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "QUESTION_ANS"}
+PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "QUESTION_ANS",
+                   "seq2seq-lm": "SEQ_2_SEQ_LM", "causal-lm": "CAUSAL_LM"}
 
 # Files of a run that a native export carries over unchanged (the last three serve `adalora inspect`).
 NATIVE_FILES = (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.ADAPTER, rundir.FULL_WEIGHTS, rundir.HEAD,
@@ -69,7 +70,7 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
     if rank is not None:
         _check_rank(saved, method, fmt, rank)
 
-    cfg, saved, model, tokenizer, layers = rundir.load_run(run)
+    cfg, saved, model, tokenizer, layers, task = rundir.load_run(run)
     factors = lora_factors(layers, rank) if method.adapter else {}
     created, tmp = _make_parents(out.parent), None
     try:
@@ -77,7 +78,7 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         if fmt == "native":
             write_native(run, tmp, tokenizer)
         elif fmt == "peft":
-            write_peft(tmp, cfg, saved, model, factors)
+            write_peft(tmp, cfg, saved, task, model, layers, factors)
         else:
             write_merged(tmp, model, layers, factors, tokenizer)
         _publish(tmp, out)
@@ -153,16 +154,15 @@ def head_modules(head_params: list[str]) -> list[str]:
     return modules
 
 
-def peft_config(cfg, saved, factors: dict[str, Any]) -> dict[str, Any]:
+def peft_config(cfg, saved, task, factors: dict[str, Any], fan_in_fan_out: bool = False) -> dict[str, Any]:
     """PEFT's LoraConfig as JSON: every module's rank in `rank_pattern` and alpha = scale * rank in
-    `alpha_pattern`, so that PEFT's scale alpha / r is ours whatever the method's own scale rule."""
+    `alpha_pattern`, so that PEFT's scale alpha / r is ours whatever the method's own scale rule. GPT-2's Conv1D
+    projections store their weight transposed, which PEFT is told with `fan_in_fan_out`."""
     from adalora_cli import models
-    from adalora_cli.tasks import get_task
 
     ranks = {name: f.rank for name, f in factors.items()}
     alphas = {name: f.scale * f.rank for name, f in factors.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
-    task = get_task(saved.task)
     return {
         "peft_type": "LORA",
         "task_type": PEFT_TASK_TYPES[task.model_kind],
@@ -175,9 +175,9 @@ def peft_config(cfg, saved, factors: dict[str, Any]) -> dict[str, Any]:
         "target_modules": sorted(factors),
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
-        "modules_to_save": head_modules(saved.head),
+        "modules_to_save": head_modules(saved.head) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -186,11 +186,11 @@ def peft_config(cfg, saved, factors: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None:
+def write_peft(folder: Path, cfg, saved, task, model, layers: dict[str, Any], factors: dict[str, Any]) -> None:
     """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes, and for
     classification labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer
     for them."""
-    from adalora_cli.tasks import get_task
+    from adalora_cli.linear import is_conv1d
 
     kept = {name: f for name, f in factors.items() if f.rank > 0}
     if not kept:
@@ -203,8 +203,9 @@ def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None
     for name in saved.head:
         tensors[PEFT_PREFIX + name] = params[name]
     files.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
-    files.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, kept))
-    if PEFT_TASK_TYPES.get(get_task(saved.task).model_kind) == "SEQ_CLS":
+    fan_in_fan_out = any(is_conv1d(layers[name].base) for name in kept)
+    files.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, task, kept, fan_in_fan_out))
+    if PEFT_TASK_TYPES.get(task.model_kind) == "SEQ_CLS":
         labels = {key: getattr(model.config, key) for key in ("id2label", "label2id")}
         files.write_json(folder / PEFT_LABELS, {"num_labels": len(labels["id2label"]), **labels})
 
@@ -212,14 +213,12 @@ def write_peft(folder: Path, cfg, saved, model, factors: dict[str, Any]) -> None
 # -- merged ----------------------------------------------------------------------------------------------
 
 def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> None:
-    """Fold scale * B @ A into each adapted Linear and put the plain Linear back in the adapter's place."""
-    import torch
+    """Fold scale * B @ A into each adapted linear layer and put the plain layer back in the adapter's place."""
+    from adalora_cli.linear import add_to_weight
 
     for name, layer in layers.items():
         base = layer.base
-        with torch.no_grad():
-            delta = factors[name].delta_weight().to(device=base.weight.device, dtype=torch.float32)
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        add_to_weight(base, factors[name].delta_weight())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
 

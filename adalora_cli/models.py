@@ -20,7 +20,22 @@ EMBEDDED = {
 MODEL_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "question-answering": "AutoModelForQuestionAnswering",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "causal-lm": "AutoModelForCausalLM",
 }
+
+
+def language_model_kind(config) -> str | None:
+    """"seq2seq-lm" for encoder-decoder models (BART, T5), "causal-lm" for decoder-only ones (GPT-2, Llama...),
+    None for a model that generates no text (BERT, DeBERTa)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq-lm"
+    # BERT-like encoders also have a causal-LM class (as decoders), but they are masked-LM models at heart
+    causal = type(config) in AutoModelForCausalLM._model_mapping
+    masked = type(config) in AutoModelForMaskedLM._model_mapping
+    return "causal-lm" if causal and not masked else None
 
 
 def resolve_model(name: str) -> str:
@@ -90,18 +105,32 @@ def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
 
 
 def load_config(name: str, num_labels: int, trust_remote_code: bool = False, **overrides: Any):
-    """The Transformers config of model `name` with the task's head size."""
+    """The Transformers config of model `name` with the task's head size (0: a language-model task, no head)."""
     from transformers import AutoConfig
 
+    if num_labels:
+        overrides["num_labels"] = num_labels
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(
-                resolve_model(name), num_labels=num_labels, trust_remote_code=trust_remote_code, **overrides
-            )
+            return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code, **overrides)
     except UserError:
         raise
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
+
+
+def for_task(name: str, task, trust_remote_code: bool = False, tokenizer_from: str | None = None):
+    """(the task as it applies to this model, the model's config with the task's head, the tokenizer).
+
+    Generation tasks take their model kind from the config (`Task.for_model`). A tokenizer without a padding token
+    (GPT-2's) pads with its end-of-text token, and the config learns it (sequence classification needs it).
+    """
+    config = load_config(name, task.num_labels, trust_remote_code, **task.config_overrides())
+    task = task.for_model(config)
+    tokenizer = load_tokenizer(tokenizer_from or name, trust_remote_code)
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return task, config, tokenizer
 
 
 def skeleton(config, kind: str):
@@ -161,6 +190,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
         raise UserError(f"the tokenizer of {name_or_path!r} holds only its special tokens ({len(tokenizer)}); its "
                         "vocabulary files are missing: use a complete model folder or hub id")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2) ship without one
     return tokenizer
 
 

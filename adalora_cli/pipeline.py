@@ -118,6 +118,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     if not main:
         logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
     built = _build_model(cfg, task, method, method_cfg)
+    task = built.task
     train_features = task.preprocess(train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer), training=True)
 
     _lock_on_main(lock, main, args.device)
@@ -157,8 +158,10 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
 
 @dataclass
 class BuiltModel:
-    """A model ready to train: pretrained weights in float32, the method's adapters injected, the head."""
+    """A model ready to train: pretrained weights in float32, the method's adapters injected, the head; and the
+    task as it applies to this model (a generation task's model kind comes from the model's config)."""
 
+    task: Task
     model: Any
     tokenizer: Any
     head: set[str]  # parameter names of the task head (trained by every method)
@@ -170,8 +173,7 @@ class BuiltModel:
 def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     from transformers import set_seed
 
-    hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code)
     targets, plan = [], None
     if method.adapter:
         skeleton = models.skeleton(hf_config, task.model_kind)
@@ -185,7 +187,7 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
     trainable, total = mark_trainable(model, method, head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return BuiltModel(model, tokenizer, head, layers, targets, plan)
+    return BuiltModel(task, model, tokenizer, head, layers, targets, plan)
 
 
 def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
@@ -205,8 +207,6 @@ def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
 
 def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: BuiltModel, method, method_cfg, args,
                   train_features, resume_from: Path | None):
-    from transformers import DataCollatorWithPadding
-
     from adalora_cli.training import AdapterTrainer, AllocationCallback, EarlyStopping
 
     allocation = None
@@ -225,7 +225,7 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
         args=args,
         train_dataset=train_features,
         eval_dataset=evals[0].raw if cfg.eval_every else None,  # required by the Trainer; evaluate() reads `evals`
-        data_collator=DataCollatorWithPadding(built.tokenizer),
+        data_collator=task.collator(built.tokenizer),
         processing_class=built.tokenizer,
         callbacks=callbacks,
         regulariser=regulariser,

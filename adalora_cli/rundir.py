@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from adalora_cli.errors import UserError
 from adalora_cli.files import LOCK, load_tensors, read_json, save_tensors, write_json
@@ -153,11 +153,20 @@ def read_run_config(path: Path, data_dir: str | None = None):
     return cfg
 
 
-def load_run(path: Path, data_dir: str | None = None):
-    """Rebuild a trained model from a run (or native export) folder.
+class LoadedRun(NamedTuple):
+    """A trained run, rebuilt: its settings, adapter record, model, tokenizer, adapter layers by name, and the task
+    as it applies to that model. Unpacks as (cfg, saved, model, tokenizer, layers, task)."""
 
-    Returns (RunConfig, SavedAdapter, model, tokenizer, adapter layers by name).
-    """
+    cfg: Any
+    saved: SavedAdapter
+    model: Any
+    tokenizer: Any
+    layers: dict
+    task: Any
+
+
+def load_run(path: Path, data_dir: str | None = None) -> LoadedRun:
+    """Rebuild a trained model from a run (or native export) folder."""
     from adalora_cli import models
     from adalora_cli.inject import inject_adapters
     from adalora_cli.methods import get_method
@@ -171,7 +180,9 @@ def load_run(path: Path, data_dir: str | None = None):
     method_cfg = cfg.method_config(method.name)
     weights_file = path / (ADAPTER if method.adapter else FULL_WEIGHTS)
     weights, head = load_tensors(weights_file), load_tensors(path / HEAD)  # fail on bad files before loading a model
-    hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
+    tokenizer_path = path / TOKENIZER
+    task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code,
+                                                 str(tokenizer_path) if tokenizer_path.is_dir() else None)
     model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
     layers = {}
     if method.adapter:
@@ -183,10 +194,8 @@ def load_run(path: Path, data_dir: str | None = None):
     else:
         _load_into(model, weights, weights_file)
     _load_into(model, head, path / HEAD)
-    tokenizer_path = path / TOKENIZER
-    tokenizer = models.load_tokenizer(str(tokenizer_path) if tokenizer_path.is_dir() else cfg.model, cfg.trust_remote_code)
     model.eval()
-    return cfg, saved, model, tokenizer, layers
+    return LoadedRun(cfg, saved, model, tokenizer, layers, task)
 
 
 def _load_layer(layer, name: str, tensors: dict[str, Any], file: Path) -> None:

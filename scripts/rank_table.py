@@ -45,7 +45,7 @@ def lora_by_rank(run: Path, ranks: list[int], rescale: bool) -> dict[int, float]
     for rank in ranks:
         if str(rank) in found:
             continue
-        cfg, _, model, tokenizer, layers = rundir.load_run(run)
+        cfg, _, model, tokenizer, layers, _ = rundir.load_run(run)
         truncate(layers, rank, cfg.method_config().alpha if rescale else None)
         task, _, evals = read_data(cfg, training=False)
         found[str(rank)] = evaluate(model, tokenizer, task, evals, cfg)

@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for rank in args.rank:
-        cfg, saved, model, tokenizer, layers = rundir.load_run(Path(args.run), args.data_dir)
+        cfg, saved, model, tokenizer, layers, _ = rundir.load_run(Path(args.run), args.data_dir)
         if saved.method != "lora":
             raise SystemExit(f"{args.run} is a {saved.method} run; this baseline is for plain LoRA runs")
         truncate(layers, rank, None if args.keep_scale else cfg.method_config().alpha)

@@ -69,7 +69,7 @@ def main() -> int:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cfg, saved, ours, tokenizer, _ = rundir.load_run(args.run, args.data_dir)
+    cfg, saved, ours, tokenizer, *_ = rundir.load_run(args.run, args.data_dir)
     cfg.max_eval_samples = None  # the whole evaluation set
     task, _, evals = read_data(cfg, training=False)
     raw = evals[0].raw

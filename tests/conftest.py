@@ -123,3 +123,39 @@ def minilm_fp16_dir(tmp_path_factory, minilm_path) -> str:
     from model_folders import float16_copy
 
     return str(float16_copy(minilm_path, tmp_path_factory.mktemp("minilm-fp16")))
+
+
+def _find_squad() -> Path:
+    return SQUAD_DIR / "dev-v1.1.json"
+
+
+@pytest.fixture(scope="session")
+def squad_file() -> Path:
+    if not _find_squad().is_file():
+        pytest.skip(f"SQuAD data not found at {SQUAD_DIR}")
+    return _find_squad()
+
+
+@pytest.fixture(scope="session")
+def generators(tmp_path_factory, squad_file) -> dict[str, str]:
+    """Tiny random BART, T5 and GPT-2 folders with tokenizers trained here on SQuAD text (byte-level BPE for BART
+    and GPT-2, SentencePiece for T5)."""
+    from model_folders import generator_folder
+    from own_data import squad_questions
+
+    questions = squad_questions(squad_file)[:3000]
+    sentences = [q["question"] for q in questions] + list(dict.fromkeys(q["context"] for q in questions))
+    root = tmp_path_factory.mktemp("generators")
+    return {kind: str(generator_folder(kind, root / kind, sentences)) for kind in ("bart", "t5", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def question_generation(tmp_path_factory, squad_file) -> dict[str, Path]:
+    """Question generation from SQuAD v1.1 dev: articles 1-38 to train on, 39-48 held out; as source/target
+    (encoder-decoder models) and prompt/completion (decoder-only) JSONL files."""
+    from own_data import write_question_generation
+
+    folder = tmp_path_factory.mktemp("question-generation")
+    return {f"{kind}-{split}": write_question_generation(squad_file, folder, f"{kind}-{split}", articles, kind, limit)
+            for kind in ("seq2seq", "causal")
+            for split, articles, limit in (("train", slice(0, 38), 160), ("dev", slice(38, 48), 16))}

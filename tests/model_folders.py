@@ -69,6 +69,65 @@ def deberta_v3_folder(out: Path, sentences: list[str], vocab_size: int = 1000, s
     return out
 
 
+def byte_level_bpe(sentences: list[str], specials: list[str], vocab_size: int = 1000):
+    """A byte-level BPE tokenizer (GPT-2's and BART's kind) trained here with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sentences, trainer)
+    return tokenizer
+
+
+def generator_folder(kind: str, out: Path, sentences: list[str], seed: int = 0) -> Path:
+    """A tiny randomly initialised generator with a tokenizer trained here: `bart` (encoder-decoder, byte-level BPE),
+    `t5` (encoder-decoder, SentencePiece) or `gpt2` (decoder-only, Conv1D projections, byte-level BPE)."""
+    import torch
+    from tokenizers import processors
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, BartTokenizerFast, GPT2Config,
+                              GPT2TokenizerFast, T5Config, T5Tokenizer)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        tokenizer = GPT2TokenizerFast(tokenizer_object=byte_level_bpe(sentences, ["<|endoftext|>"]),
+                                      bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = AutoModelForCausalLM.from_config(config)
+    elif kind == "bart":
+        bpe = byte_level_bpe(sentences, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        tokenizer = BartTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                      cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+        config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    elif kind == "t5":
+        import sentencepiece as spm
+
+        spiece = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=spiece, vocab_size=1000,
+                                       model_type="unigram", pad_id=0, pad_piece="<pad>", eos_id=1,
+                                       eos_piece="</s>", unk_id=2, unk_piece="<unk>", bos_id=-1, minloglevel=2)
+        (out / "spiece.model").write_bytes(spiece.getvalue())
+        tokenizer = T5Tokenizer.from_pretrained(out, extra_ids=0)
+        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                          num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def float16_copy(src: str, out: Path) -> Path:
     """`src` (a model folder) with its weights rounded to float16 and no dtype in its config."""
     from transformers import AutoModel, AutoTokenizer

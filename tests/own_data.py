@@ -57,3 +57,29 @@ def write_all(glue: Path, out: Path) -> list[Path]:
 if __name__ == "__main__":
     for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
         print(written)
+
+
+def squad_questions(path: Path) -> list[dict[str, str]]:
+    """Every question of an official SQuAD file with its article title, context and first answer."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    return [{"title": article["title"], "context": paragraph["context"], "answer": qa["answers"][0]["text"],
+             "question": qa["question"]}
+            for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"] if qa["answers"]]
+
+
+def write_question_generation(squad_file: Path, out: Path, name: str, articles: slice, kind: str = "seq2seq",
+                              limit: int | None = None, context_chars: int = 400) -> Path:
+    """Question generation from SQuAD as JSONL: the answer and its context (cut to `context_chars` around the
+    answer) as `source` and the question as `target` (kind "seq2seq"), or as `prompt` / `completion` ("causal")."""
+    titles = list(dict.fromkeys(q["title"] for q in squad_questions(squad_file)))[articles]
+    rows = []
+    for q in squad_questions(squad_file):
+        if q["title"] not in titles:
+            continue
+        at = max(0, q["context"].find(q["answer"]) - context_chars // 2)
+        source = f"answer: {q['answer']} context: {q['context'][at:at + context_chars]}"
+        rows.append({"source": source, "target": q["question"]} if kind == "seq2seq"
+                    else {"prompt": source, "completion": q["question"]})
+    path = Path(out) / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:limit]))
+    return path

@@ -62,7 +62,7 @@ def export_cli(run, fmt, out, *extra):
 
 
 def our_logits(run):
-    _, _, model, tokenizer, _ = rundir.load_run(run)
+    _, _, model, tokenizer, *_ = rundir.load_run(run)
     with torch.no_grad():
         return model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
 
@@ -204,7 +204,7 @@ def test_native_export_evaluates_like_the_run(trained, tmp_path, method):
 @pytest.mark.parametrize("method", ANY_RANK)
 def test_any_rank_adapter_exports_at_a_chosen_rank(trained, merged, tmp_path, method):
     run = trained(method)
-    _, _, model, tokenizer, layers = rundir.load_run(run)
+    _, _, model, tokenizer, layers, _ = rundir.load_run(run)
     for layer in layers.values():
         layer.set_rank(2)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adalora_cli.errors import UserError
-from adalora_cli.inject import MATRIX_KINDS, find_targets, inject_adapters, mark_trainable
+from adalora_cli.inject import ENCODER_KINDS, find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import available_methods, get_method
 from conftest import tiny_model
 
@@ -27,7 +27,7 @@ def test_presets_find_the_six_matrices_of_every_layer(arch):
     targets = find_targets(model, model.config.model_type)
     assert len(targets) == 6 * model.config.num_hidden_layers
     for layer in range(model.config.num_hidden_layers):
-        assert sorted(t.kind for t in targets if t.layer == layer) == sorted(MATRIX_KINDS)
+        assert sorted(t.kind for t in targets if t.layer == layer) == sorted(ENCODER_KINDS)
     shapes = {t.kind: (t.d_in, t.d_out) for t in targets}
     assert shapes == {"Wq": (32, 32), "Wk": (32, 32), "Wv": (32, 32), "Wo": (32, 32), "Wf1": (32, 64), "Wf2": (64, 32)}
     assert not any("attention" in t.name for t in targets if t.kind == "Wf2")
@@ -36,8 +36,8 @@ def test_presets_find_the_six_matrices_of_every_layer(arch):
 def test_unknown_architecture_needs_explicit_targets():
     model = tiny_model("bert")
     with pytest.raises(UserError, match="no target preset"):
-        find_targets(model, "gpt2")
-    assert len(find_targets(model, "gpt2", ["query", "value"])) == 4
+        find_targets(model, "gpt_neox")
+    assert len(find_targets(model, "gpt_neox", ["query", "value"])) == 4
     with pytest.raises(UserError, match="no linear layer"):
         find_targets(model, "bert", ["nothing_matches"])
 

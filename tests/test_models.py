@@ -78,7 +78,7 @@ def test_deberta_v3_run_evaluates_and_exports(deberta_run, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert json.loads((deberta_run / "eval.json").read_text())["eval"] == pytest.approx(metrics["eval"], abs=1e-6)
 
-    _, _, ours, tokenizer, _ = rundir.load_run(deberta_run)
+    _, _, ours, tokenizer, *_ = rundir.load_run(deberta_run)
     assert type(tokenizer).__name__.startswith("DebertaV2Tokenizer")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -394,7 +394,7 @@ def test_qa_exports_load_as_question_answering_models(tiny_bert_dir, squad_split
 
     run = tmp_path / "run"
     train_qa(tiny_bert_dir, squad_splits["v1"], run, "squad", "adalora")
-    _, _, ours, tokenizer, _ = rundir.load_run(run)
+    _, _, ours, tokenizer, *_ = rundir.load_run(run)
     batch = tokenizer(["Who won?", "Where was it played?"],
                       ["The Denver Broncos won the game.", "It was played at Levi's Stadium in California."],
                       padding=True, return_tensors="pt")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adalora_cli.budget import Target
+from adalora_cli.linear import linear_dims
 
 
 @dataclass
@@ -67,7 +68,8 @@ class LoraFactors:
 
 
 class AdapterLinear(nn.Module):
-    """A frozen `nn.Linear` plus a low-rank update: y = base(x) + scaling * B (A dropout(x)).
+    """A frozen linear layer (`nn.Linear`, or GPT-2's `Conv1D`) plus a low-rank update:
+    y = base(x) + scaling * B (A dropout(x)).
 
     Subclasses define `factors` (the A and B the forward multiplies by), `to_lora` (the final adapter as
     plain factors), `compact_state` (the tensors to save: only what is kept) and `rank` (the rank kept).
@@ -87,11 +89,11 @@ class AdapterLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return linear_dims(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return linear_dims(self.base)[1]
 
     @property
     def weight(self) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Task:
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
     group_column: str | None = None  # rows sharing this column's value are held out together (SQuAD: the article)
+    generates = False  # evaluated on generated text (evaluation.generation_outputs), not on one forward's outputs
 
     @property
     def main_metric(self) -> str:
@@ -53,6 +54,17 @@ class Task:
     def config_overrides(self) -> dict[str, Any]:
         """Extra fields for the model config (problem type, label names)."""
         return {}
+
+    def for_model(self, config) -> "Task":
+        """This task for a model with this config: generation tasks take their model kind from it (and refuse a
+        model that cannot generate); the others are the same for every model."""
+        return self
+
+    def collator(self, tokenizer):
+        """Pads a list of features into a training batch."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
 
     def local_path(self, split: str, data_dir: Path | None, files: dict[str, Path]) -> Path | None:
         """The local file a split is read from, or None to use the hub."""
@@ -127,3 +139,4 @@ def available_tasks() -> list[str]:
 from adalora_cli.tasks import glue  # noqa: E402,F401  (registers the GLUE tasks)
 from adalora_cli.tasks import squad  # noqa: E402,F401  (registers squad and squad_v2)
 from adalora_cli.tasks import text  # noqa: E402,F401  (registers text-classification and text-regression)
+from adalora_cli.tasks import generation  # noqa: E402,F401  (registers xsum, cnn_dailymail, e2e_nlg, seq2seq, causal-lm)

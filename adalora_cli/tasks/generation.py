@@ -1,0 +1,336 @@
+"""Text generation: summarisation (`xsum`, `cnn_dailymail`), data-to-text (`e2e_nlg`), and your own
+source -> target (`seq2seq`) or prompt -> completion / plain-text (`causal-lm`) data.
+
+The model decides how a pair is fed (`for_model`): an encoder-decoder model (BART, T5) reads the source and is
+trained on the target; a decoder-only model (GPT-2, Llama, Qwen, Mistral) reads prompt + completion as one
+sequence with the loss on the completion only (the prompt is the source followed by the task's separator), or,
+for plain language modelling (`--task causal-lm` with `--text-column` alone), the loss on every token.
+
+Evaluation (`evaluation.generation_outputs`) gives the mean token loss, its perplexity, and the text `generate`
+writes with the task's settings: the papers' beam size, length penalty and lengths for the benchmarks, greedy
+decoding for your own data, each settable (`--set num_beams=4`). Metrics come from `rouge-score` (ROUGE-1/2/L/Lsum,
+stemmed, best over a source's references) and `sacrebleu` (corpus BLEU over all references of a source), on the
+0-100 scale the papers print. Sources with several references (E2E) are generated once and scored against all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adalora_cli.data import load_hub_dataset, pick_column, read_table, row_ids, to_dataset
+from adalora_cli.errors import UserError
+from adalora_cli.tasks import EvalSplit, Task, register_task
+
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+KINDS = ("seq2seq-lm", "causal-lm")
+GENERATION_SETTINGS = ("num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
+COLUMN_SETTINGS = ("source_column", "target_column", "prompt_column", "completion_column", "text_column")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    name: str
+    sources: tuple[str, ...]  # source (prompt) columns, detected in this order
+    targets: tuple[str, ...]  # target (completion) columns
+    metrics: tuple[str, ...]
+    main_metric: str
+    kinds: tuple[str, ...] = KINDS  # the model kinds that fit the task
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    generation: dict[str, Any] = field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 64})
+    max_seq_length: int = 512
+    max_target_length: int = 128
+    separator: str = "\n"  # between source and target when a decoder-only model reads them as one sequence
+    eval_split: str = "validation"
+
+
+SPECS = [
+    # BART's summarisation settings (fairseq): XSum beam 6, length penalty 1.0, 11-62 tokens; CNN/DM beam 4,
+    # length penalty 2.0, 56-142 tokens; both without repeated trigrams.
+    GenerationSpec("xsum", ("document",), ("summary",), ROUGE + ("loss", "perplexity"), "rougeL",
+                   hub_dataset="EdinburghNLP/xsum", max_seq_length=1024, max_target_length=64, separator="\nSummary: ",
+                   generation={"num_beams": 6, "length_penalty": 1.0, "max_new_tokens": 62, "min_new_tokens": 11,
+                               "no_repeat_ngram_size": 3}),
+    GenerationSpec("cnn_dailymail", ("article",), ("highlights",), ROUGE + ("loss", "perplexity"), "rougeL",
+                   hub_dataset="abisee/cnn_dailymail", hub_config="3.0.0", max_seq_length=1024, max_target_length=142,
+                   separator="\nHighlights: ",
+                   generation={"num_beams": 4, "length_penalty": 2.0, "max_new_tokens": 142, "min_new_tokens": 56,
+                               "no_repeat_ngram_size": 3}),
+    # The LoRA paper's E2E decoding for GPT-2 (which DyLoRA follows): beam 10, length penalty 0.9, no repeated
+    # 4-grams; every reference of a meaning representation counts.
+    GenerationSpec("e2e_nlg", ("meaning_representation",), ("human_reference",), ("bleu", "rougeL", "loss",
+                   "perplexity"), "bleu", hub_dataset="tuetschek/e2e_nlg", max_seq_length=128, max_target_length=64,
+                   separator=" ||| ",
+                   generation={"num_beams": 10, "length_penalty": 0.9, "max_new_tokens": 64, "no_repeat_ngram_size": 4}),
+    GenerationSpec("seq2seq", ("source", "input", "document", "article"), ("target", "output", "summary"),
+                   ROUGE + ("bleu", "loss", "perplexity"), "rougeL", kinds=("seq2seq-lm",)),
+    GenerationSpec("causal-lm", ("prompt",), ("completion",), ROUGE + ("bleu", "loss", "perplexity"), "rougeL",
+                   kinds=("causal-lm",), separator=""),
+]
+
+
+class GenerationTask(Task):
+    model_kind = "seq2seq-lm"  # until `for_model` reads the model's config
+    num_labels = 0
+    generates = True
+
+    def __init__(self, spec: GenerationSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.metric_names = spec.metrics
+        self.default_max_seq_length = spec.max_seq_length
+        self.eval_splits = (EvalSplit("validation"),)
+        self.source_column = self.target_column = self.prompt_column = self.completion_column = None
+        self.text_column = None
+        self.dataset = self.dataset_config = None
+        self.dataset_train_split, self.dataset_eval_split = "train", spec.eval_split
+        self.max_target_length = spec.max_target_length
+        self.generation = dict(spec.generation)
+
+    # -- settings --------------------------------------------------------------------------------------
+
+    def with_settings(self, **settings: Any) -> "GenerationTask":
+        task = copy.copy(self)
+        task.generation = dict(self.generation)
+        for key in COLUMN_SETTINGS + ("dataset", "dataset_config", "dataset_train_split", "dataset_eval_split",
+                                      "max_target_length"):
+            if settings.get(key) is not None:
+                setattr(task, key, settings[key])
+        for key in GENERATION_SETTINGS:
+            if settings.get(key) is not None:
+                task.generation[key] = settings[key]
+        # the prompt and completion columns of the causal-lm task are its source and target
+        task.source_column = task.prompt_column or task.source_column
+        task.target_column = task.completion_column or task.target_column
+        return task
+
+    @property
+    def plain_lm(self) -> bool:
+        """`--task causal-lm` with only a text column: language modelling, no target to generate."""
+        return self.name == "causal-lm" and self.source_column is None and self.text_column is not None
+
+    @property
+    def main_metric(self) -> str:
+        return "perplexity" if self.plain_lm else self.spec.main_metric
+
+    def for_model(self, config) -> "GenerationTask":
+        from adalora_cli.models import language_model_kind
+
+        kind = language_model_kind(config)
+        if kind is None:
+            raise UserError(f"{self.name} generates text, which a {config.model_type} model cannot; use an "
+                            "encoder-decoder model (BART, T5) or a decoder-only one (GPT-2, Llama, Qwen, Mistral)")
+        if kind not in self.spec.kinds:
+            hint = ("--task causal-lm with --prompt-column and --completion-column" if kind == "causal-lm"
+                    else "--task seq2seq with --source-column and --target-column")
+            raise UserError(f"--task {self.name} needs a {' or '.join(self.spec.kinds)} model, and {config.model_type} "
+                            f"is a {kind} model; use {hint}")
+        task = copy.copy(self)
+        task.model_kind = kind
+        return task
+
+    def config_overrides(self) -> dict[str, Any]:
+        return {}
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def local_path(self, split, data_dir, files):
+        if split in files:
+            return Path(files[split])
+        if data_dir is not None:
+            raise UserError(f"{self.name} reads --train-file / --validation-file (or the hub), not --data-dir")
+        return None
+
+    def check_sources(self, data_dir, files) -> None:
+        if self.train_split not in files and self.hub_name is None:
+            raise UserError(f"{self.name} trains on your data: pass --train-file (.csv .tsv .json .jsonl) or "
+                            "--dataset NAME for a hub dataset")
+        super().check_sources(data_dir, files)
+
+    @property
+    def hub_name(self) -> str | None:
+        return self.dataset or self.spec.hub_dataset
+
+    def hub_dataset(self, data_dir, files, splits):
+        if all(split in files for split in splits) or self.hub_name is None:
+            return None
+        return self.hub_name, self.dataset_config if self.dataset else self.spec.hub_config
+
+    def has_hub_split(self, split: str) -> bool:
+        from adalora_cli.data import hub_split_names
+
+        config = self.dataset_config if self.dataset else self.spec.hub_config
+        return self.hub_name is not None and self.dataset_eval_split in hub_split_names(self.hub_name, config)
+
+    def load(self, split, data_dir, files):
+        path = self.local_path(split, data_dir, files)
+        if path is not None:
+            return to_dataset(read_table(path))
+        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+        return load_hub_dataset(self.hub_name, self.dataset_config if self.dataset else self.spec.hub_config, name)
+
+    def settings_from_data(self, raw, source: str) -> dict[str, Any]:
+        found = list(raw.column_names)
+        if self.name == "causal-lm":
+            prompt = pick_column(found, self.source_column, self.spec.sources, "prompt", "--prompt-column", source,
+                                 required=False)
+            if prompt is None:  # plain language modelling on a text column
+                return {"text_column": pick_column(found, self.text_column, ("text",), "prompt or text",
+                                                   "--prompt-column (with --completion-column) or --text-column",
+                                                   source)}
+            return {"prompt_column": prompt, "completion_column": pick_column(
+                found, self.target_column, self.spec.targets, "completion", "--completion-column", source)}
+        return {"source_column": pick_column(found, self.source_column, self.spec.sources, "source",
+                                             "--source-column", source),
+                "target_column": pick_column(found, self.target_column, self.spec.targets, "target",
+                                             "--target-column", source)}
+
+    def _text_columns(self, labelled: bool) -> list[tuple[str, str]]:
+        if self.plain_lm:
+            return [(self.text_column, "--text-column")]
+        flags = ("--prompt-column", "--completion-column") if self.name == "causal-lm" else \
+            ("--source-column", "--target-column")
+        columns = [(self.source_column, flags[0])]
+        return columns + [(self.target_column, flags[1])] if labelled else columns
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        found = list(raw.column_names)
+        for column, flag in self._text_columns(labelled):
+            pick_column(found, column, (), "", flag, source)
+            for i, value in enumerate(raw[column]):
+                if not isinstance(value, str) or not value.strip():
+                    what = "empty" if value is None or (isinstance(value, str) and not value.strip()) else repr(value)
+                    raise UserError(f"{source} row {i + 1}: {column!r} is {what}; every row needs a non-empty "
+                                    "text (remove or fill that row)")
+
+    # -- features --------------------------------------------------------------------------------------
+
+    def preprocess(self, raw, tokenizer, max_seq_length, training):
+        labelled = self.plain_lm or self.target_column in raw.column_names
+        encode = self._causal_features if self.model_kind == "causal-lm" else self._seq2seq_features
+
+        def tokenize(batch):
+            return encode(batch, tokenizer, max_seq_length, labelled, training)
+
+        return raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+
+    def _sources(self, batch) -> list[str]:
+        return list(batch[self.text_column if self.plain_lm else self.source_column])
+
+    def _seq2seq_features(self, batch, tokenizer, max_seq_length, labelled, training):
+        features = tokenizer(self._sources(batch), truncation=True, max_length=max_seq_length)
+        if labelled:
+            features["labels"] = tokenizer(text_target=list(batch[self.target_column]), truncation=True,
+                                           max_length=self.max_target_length)["input_ids"]
+        return features
+
+    def _causal_features(self, batch, tokenizer, max_seq_length, labelled, training):
+        """prompt (+ completion + EOS): labels -100 over the prompt; the prompt's start gives way when too long.
+        Evaluation features also keep the prompt alone (`prompt_ids`), which generation starts from."""
+        eos = tokenizer.eos_token_id
+        if self.plain_lm:
+            texts = [x[: max_seq_length - 1] for x in tokenizer(self._sources(batch))["input_ids"]]
+            ids = [x + [eos] for x in texts]
+            features = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": ids}
+            if not training:
+                features["prompt_ids"] = texts  # `predict` continues the whole text
+            return features
+        prompts = tokenizer([s + self.spec.separator for s in self._sources(batch)])["input_ids"]
+        completions = (tokenizer(list(batch[self.target_column]), add_special_tokens=False)["input_ids"]
+                       if labelled else [[] for _ in prompts])
+        features = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": []}
+        for prompt, completion in zip(prompts, completions):
+            completion = (completion + [eos])[: self.max_target_length] if labelled else []
+            prompt = prompt[-max(1, max_seq_length - len(completion)):]
+            features["input_ids"].append(prompt + completion)
+            features["attention_mask"].append([1] * (len(prompt) + len(completion)))
+            features["labels"].append([-100] * len(prompt) + completion)
+            features["prompt_ids"].append(prompt)
+        if not labelled:
+            del features["labels"]
+        if training:
+            del features["prompt_ids"]
+        return features
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    def generation_inputs(self, features) -> list[list[int]]:
+        """What `generate` starts from for each row: the source (encoder-decoder) or the prompt (decoder-only)."""
+        return list(features["prompt_ids" if self.model_kind == "causal-lm" else "input_ids"])
+
+    # -- metrics and predictions -----------------------------------------------------------------------
+
+    def compute_metrics(self, predictions, raw, features):
+        metrics = {}
+        if "loss" in self.metric_names and predictions.get("tokens"):
+            loss = predictions["loss_sum"] / predictions["tokens"]
+            metrics.update(loss=loss, perplexity=math.exp(min(loss, 700.0)))
+        if self.plain_lm:
+            return metrics
+        sources, texts = self._sources(raw), predictions["texts"]
+        references: dict[str, list[str]] = {}
+        generated: dict[str, str] = {}
+        for source, reference, text in zip(sources, raw[self.target_column], texts):
+            references.setdefault(source, []).append(reference)
+            generated.setdefault(source, text)
+        order = list(references)
+        hypotheses = [generated[s] for s in order]
+        refs = [references[s] for s in order]
+        names = [m for m in self.metric_names if m in ROUGE]
+        if names:
+            metrics.update(rouge(hypotheses, refs, names))
+        if "bleu" in self.metric_names:
+            metrics["bleu"] = bleu(hypotheses, refs)
+        return metrics
+
+    def prediction_inputs(self, path: Path):
+        columns = read_table(path)
+        wanted = [self.text_column] if self.plain_lm else [self.source_column]
+        raw = to_dataset({c: columns[c] for c in wanted if c in columns})
+        self.check_rows(raw, str(path), labelled=False)
+        return raw, row_ids(columns)
+
+    def prediction_records(self, predictions, raw, features):
+        return [{"text": text} for text in predictions["texts"]]
+
+
+def _sentences(text: str) -> str:
+    """One sentence per line, as ROUGE-Lsum expects (a light splitter: no sentence model is needed)."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def rouge(hypotheses: list[str], references: list[list[str]], names: list[str]) -> dict[str, float]:
+    """Mean ROUGE F1 x 100 (rouge-score, stemmed), each hypothesis against the best of its references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(names, use_stemmer=True)
+    totals = {name: 0.0 for name in names}
+    for hypothesis, refs in zip(hypotheses, references):
+        scores = scorer.score_multi([_sentences(r) for r in refs], _sentences(hypothesis))
+        for name in names:
+            totals[name] += scores[name].fmeasure
+    return {name: 100 * total / max(len(hypotheses), 1) for name, total in totals.items()}
+
+
+def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU (sacrebleu, 0-100) with every reference of a source; sources with fewer references pad with
+    None, as sacrebleu allows."""
+    import sacrebleu
+
+    width = max((len(r) for r in references), default=1)
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
+    return float(sacrebleu.corpus_bleu(hypotheses, streams).score)
+
+
+for _spec in SPECS:
+    register_task(GenerationTask(_spec))
