@@ -1,4 +1,4 @@
-"""Evaluate a model before any training: the pretrained encoder with its freshly initialised task head.
+"""Evaluate a model before any training: the pretrained model with its freshly initialised task head.
 
 This is the "0 steps" reference point for a training run: with the same --seed, the head is initialised
 exactly as `adalora train` initialises it (adapters start as a zero update, so they change nothing yet).
@@ -30,9 +30,8 @@ def main(argv: list[str]) -> int:
         cfg = make_config(None, argv)
         cfg.validate()
         evaluation.quiet_datasets()
-        task, _, evals = evaluation.read_data(cfg, training=False)
-        hf_config = models.load_config(cfg.model, task.num_labels, cfg.trust_remote_code, **task.config_overrides())
-        tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        task, _, evals = evaluation.read_data(cfg)  # the training data tells the columns and classes
+        task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code)
         set_seed(cfg.seed)  # as run_train does just before loading the model: the same fresh head
         model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
         import torch

@@ -2,6 +2,7 @@
 
     python tests/model_folders.py deberta-v3 OUT_DIR [--sentences GLUE_TSV]
     python tests/model_folders.py float16 SRC_DIR OUT_DIR
+    python tests/model_folders.py generator {bart,t5,gpt2} OUT_DIR [--squad SQUAD_JSON]
 
 `deberta_v3_folder` reproduces microsoft/deberta-v3-base's shape: a DebertaV2 model whose weights are stored in
 float16 with no dtype in config.json, and a SentencePiece tokenizer saved as `spm.model` +
@@ -149,9 +150,20 @@ def main(argv: list[str] | None = None) -> None:
     half = sub.add_parser("float16")
     half.add_argument("src")
     half.add_argument("out", type=Path)
+    generator = sub.add_parser("generator")
+    generator.add_argument("arch", choices=["bart", "t5", "gpt2"])
+    generator.add_argument("out", type=Path)
+    generator.add_argument("--squad", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                           / "squad" / "dev-v1.1.json")
     args = parser.parse_args(argv)
     if args.kind == "deberta-v3":
         print(deberta_v3_folder(args.out, glue_sentences(args.sentences)))
+    elif args.kind == "generator":
+        from own_data import squad_questions
+
+        questions = squad_questions(args.squad)[:3000]
+        sentences = [q["question"] for q in questions] + list(dict.fromkeys(q["context"] for q in questions))
+        print(generator_folder(args.arch, args.out, sentences))
     else:
         print(float16_copy(args.src, args.out))
 

@@ -2,10 +2,13 @@
 CSV / JSONL, three classes from binned scores, regression targets.
 
     python tests/own_data.py GLUE_DIR OUT_DIR      # writes every file below into OUT_DIR
+    python tests/own_data.py --question-generation SQUAD_JSON OUT_DIR [--causal]
 
 - reviews-{train,dev}.jsonl: SST-2 sentences as {"review": ..., "sentiment": "negative" | "positive"}
 - similarity-{train,dev}.csv: STS-B pairs as first,second,similarity with similarity low (< 2), mid, high (>= 3.5)
 - relatedness-{train,dev}.csv: STS-B pairs as premise,hypothesis,relatedness (the 0-5 score)
+- qg-{train,dev}.jsonl (with --question-generation): questions of SQuAD articles 1-38 / 39-48 as
+  {"source": "answer: ... context: ...", "target": question} (with --causal: prompt / completion)
 """
 
 from __future__ import annotations
@@ -55,8 +58,15 @@ def write_all(glue: Path, out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
-        print(written)
+    if sys.argv[1] == "--question-generation":
+        kind = "causal" if "--causal" in sys.argv else "seq2seq"
+        squad, out = Path(sys.argv[2]), Path(sys.argv[3])
+        out.mkdir(parents=True, exist_ok=True)
+        for name, articles in (("qg-train", slice(0, 38)), ("qg-dev", slice(38, 48))):
+            print(write_question_generation(squad, out, name, articles, kind))
+    else:
+        for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
+            print(written)
 
 
 def squad_questions(path: Path) -> list[dict[str, str]]:

@@ -170,3 +170,35 @@ def test_plain_language_modelling_reports_perplexity(generators, question_genera
     metrics = json.loads((out / rundir.METRICS).read_text())
     assert set(metrics["eval"]) == {"loss", "perplexity"}  # held out: 10% of the texts
     assert json.loads(json.dumps(metrics))["eval"]["perplexity"] > 1
+
+
+def test_a_generation_run_resumes_exactly(generators, question_generation, tmp_path):
+    """SIGKILL after a checkpoint, then --resume: the same adapter, bit for bit, and the same metrics."""
+    from adalora_cli import files
+    from test_resume import run_cli, run_in_process
+
+    def args(out):
+        return ["train", "--task", "seq2seq", "--method", "adalora", "--model", generators["bart"], "--train-file",
+                question_generation["seq2seq-train"], "--validation-file", question_generation["seq2seq-dev"],
+                "--output-dir", out, "--budget", "4k", *SHORT, "--set", "save_steps=3", "--seed", "2"]
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_in_process(args(reference))
+    assert run_cli(args(resumed), ADALORA_TEST_KILL_AFTER_SAVE="3").returncode != 0
+    again = run_cli(["train", "--output-dir", resumed, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    ours, theirs = (json.loads((d / rundir.METRICS).read_text()) for d in (resumed, reference))
+    assert ours["eval"] == pytest.approx(theirs["eval"], rel=1e-6, abs=1e-6)
+    a, b = files.load_tensors(resumed / rundir.ADAPTER), files.load_tensors(reference / rundir.ADAPTER)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpt2_on_two_processes(generators, question_generation, tmp_path):
+    from test_distributed import check_same_decisions_and_one_writer, torchrun
+
+    out = tmp_path / "ddp"
+    args = ["train", "--task", "causal-lm", "--method", "dylora", "--model", generators["gpt2"], "--train-file",
+            question_generation["causal-train"], "--validation-file", question_generation["causal-dev"],
+            "--output-dir", out, "--budget", "4k", *SHORT, "--batch-size", "4", "--max-steps", "4"]
+    proc, traces = torchrun(args, tmp_path / "trace")
+    check_same_decisions_and_one_writer(proc, traces, out, 4)
