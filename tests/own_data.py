@@ -57,18 +57,6 @@ def write_all(glue: Path, out: Path) -> list[Path]:
             *(write_sts(glue, out, split, kind) for kind in ("similarity", "relatedness") for split in ("train", "dev"))]
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--question-generation":
-        kind = "causal" if "--causal" in sys.argv else "seq2seq"
-        squad, out = Path(sys.argv[2]), Path(sys.argv[3])
-        out.mkdir(parents=True, exist_ok=True)
-        for name, articles in (("qg-train", slice(0, 38)), ("qg-dev", slice(38, 48))):
-            print(write_question_generation(squad, out, name, articles, kind))
-    else:
-        for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
-            print(written)
-
-
 def squad_questions(path: Path) -> list[dict[str, str]]:
     """Every question of an official SQuAD file with its article title, context and first answer."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
@@ -93,3 +81,15 @@ def write_question_generation(squad_file: Path, out: Path, name: str, articles: 
     path = Path(out) / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:limit]))
     return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--question-generation":
+        kind = "causal" if "--causal" in sys.argv else "seq2seq"
+        squad, out = Path(sys.argv[2]), Path(sys.argv[3])
+        out.mkdir(parents=True, exist_ok=True)
+        for name, articles in (("qg-train", slice(0, 38)), ("qg-dev", slice(38, 48))):
+            print(write_question_generation(squad, out, name, articles, kind))
+    else:
+        for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
+            print(written)

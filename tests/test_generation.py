@@ -202,3 +202,12 @@ def test_gpt2_on_two_processes(generators, question_generation, tmp_path):
             "--output-dir", out, "--budget", "4k", *SHORT, "--batch-size", "4", "--max-steps", "4"]
     proc, traces = torchrun(args, tmp_path / "trace")
     check_same_decisions_and_one_writer(proc, traces, out, 4)
+
+
+def test_bf16_autocast_on_a_generation_run(generators, question_generation, tmp_path):
+    out = tmp_path / "run"
+    train_tiny("lora", "--task", "causal-lm", "--model", generators["gpt2"], "--train-file",
+               question_generation["causal-train"], "--validation-file", question_generation["causal-dev"],
+               "--output-dir", out, *SHORT, "--max-steps", "3", "--precision", "bf16")
+    metrics = json.loads((out / rundir.METRICS).read_text())
+    assert metrics["precision"] == "bf16" and metrics["eval"]["loss"] > 0

@@ -115,6 +115,60 @@ class Task:
         raise NotImplementedError
 
 
+class UserDataTask(Task):
+    """A task on the user's data: `--train-file` / `--validation-file` (.csv .tsv .json .jsonl), or a hub dataset
+    (`--dataset NAME`, or the task's own benchmark dataset) whose splits are named by `dataset_train_split` /
+    `dataset_eval_split`."""
+
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_eval_split: str = "validation"
+
+    @property
+    def hub_name(self) -> str | None:
+        """The hub dataset this task reads when no file is given."""
+        return self.dataset
+
+    @property
+    def hub_config(self) -> str | None:
+        return self.dataset_config
+
+    def local_path(self, split, data_dir, files):
+        if split in files:
+            return Path(files[split])
+        if data_dir is not None:
+            raise UserError(f"{self.name} reads --train-file / --validation-file (or --dataset), not --data-dir")
+        return None
+
+    def check_sources(self, data_dir, files) -> None:
+        if self.train_split not in files and self.hub_name is None:
+            raise UserError(f"{self.name} trains on your data: pass --train-file (.csv .tsv .json .jsonl) or "
+                            "--dataset NAME for a hub dataset")
+        super().check_sources(data_dir, files)
+
+    def hub_dataset(self, data_dir, files, splits):
+        if self.hub_name is None or all(split in files for split in splits):
+            return None
+        return self.hub_name, self.hub_config
+
+    def _hub_split(self, split: str) -> str:
+        return self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+
+    def has_hub_split(self, split: str) -> bool:
+        from adalora_cli.data import hub_split_names
+
+        return self.hub_name is not None and self._hub_split(split) in hub_split_names(self.hub_name, self.hub_config)
+
+    def load(self, split, data_dir, files):
+        from adalora_cli.data import load_hub_dataset, read_table, to_dataset
+
+        path = self.local_path(split, data_dir, files)
+        if path is not None:
+            return to_dataset(read_table(path))
+        return load_hub_dataset(self.hub_name, self.hub_config, self._hub_split(split))
+
+
 _TASKS: dict[str, Task] = {}
 
 

@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from adalora_cli.data import load_hub_dataset, pick_column, read_table, row_ids, to_dataset
+from adalora_cli.data import pick_column, read_table, row_ids, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, Task, register_task
+from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 KINDS = ("seq2seq-lm", "causal-lm")
@@ -76,7 +74,7 @@ SPECS = [
 ]
 
 
-class GenerationTask(Task):
+class GenerationTask(UserDataTask):
     model_kind = "seq2seq-lm"  # until `for_model` reads the model's config
     num_labels = 0
     generates = True
@@ -89,8 +87,7 @@ class GenerationTask(Task):
         self.eval_splits = (EvalSplit("validation"),)
         self.source_column = self.target_column = self.prompt_column = self.completion_column = None
         self.text_column = None
-        self.dataset = self.dataset_config = None
-        self.dataset_train_split, self.dataset_eval_split = "train", spec.eval_split
+        self.dataset_eval_split = spec.eval_split
         self.max_target_length = spec.max_target_length
         self.generation = dict(spec.generation)
 
@@ -141,40 +138,13 @@ class GenerationTask(Task):
 
     # -- data ------------------------------------------------------------------------------------------
 
-    def local_path(self, split, data_dir, files):
-        if split in files:
-            return Path(files[split])
-        if data_dir is not None:
-            raise UserError(f"{self.name} reads --train-file / --validation-file (or the hub), not --data-dir")
-        return None
-
-    def check_sources(self, data_dir, files) -> None:
-        if self.train_split not in files and self.hub_name is None:
-            raise UserError(f"{self.name} trains on your data: pass --train-file (.csv .tsv .json .jsonl) or "
-                            "--dataset NAME for a hub dataset")
-        super().check_sources(data_dir, files)
-
     @property
     def hub_name(self) -> str | None:
         return self.dataset or self.spec.hub_dataset
 
-    def hub_dataset(self, data_dir, files, splits):
-        if all(split in files for split in splits) or self.hub_name is None:
-            return None
-        return self.hub_name, self.dataset_config if self.dataset else self.spec.hub_config
-
-    def has_hub_split(self, split: str) -> bool:
-        from adalora_cli.data import hub_split_names
-
-        config = self.dataset_config if self.dataset else self.spec.hub_config
-        return self.hub_name is not None and self.dataset_eval_split in hub_split_names(self.hub_name, config)
-
-    def load(self, split, data_dir, files):
-        path = self.local_path(split, data_dir, files)
-        if path is not None:
-            return to_dataset(read_table(path))
-        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
-        return load_hub_dataset(self.hub_name, self.dataset_config if self.dataset else self.spec.hub_config, name)
+    @property
+    def hub_config(self) -> str | None:
+        return self.dataset_config if self.dataset else self.spec.hub_config
 
     def settings_from_data(self, raw, source: str) -> dict[str, Any]:
         found = list(raw.column_names)

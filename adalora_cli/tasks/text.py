@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from adalora_cli.data import TABLE_FORMATS, load_hub_dataset, pick_column, read_table, to_dataset
+from adalora_cli.data import pick_column, read_table, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, Task, register_task
+from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1")
 PAIR_COLUMNS = ("text_pair", "sentence2")
@@ -30,7 +30,7 @@ SETTINGS = ("text_column", "text_pair_column", "label_column", "label_names", "d
             "dataset_train_split", "dataset_eval_split")
 
 
-class TextTask(Task):
+class TextTask(UserDataTask):
     model_kind = "sequence-classification"
     eval_splits = (EvalSplit("validation"),)
 
@@ -40,8 +40,6 @@ class TextTask(Task):
         self.metric_names = ("pearson", "spearmanr", "mse") if regression else ("accuracy", "macro_f1", "f1")
         self.text_column = self.text_pair_column = self.label_column = None
         self.label_names: list[str] | None = None
-        self.dataset = self.dataset_config = None
-        self.dataset_train_split, self.dataset_eval_split = "train", "validation"
 
     @property
     def num_labels(self) -> int:
@@ -63,36 +61,6 @@ class TextTask(Task):
                 "label2id": {name: i for i, name in enumerate(names)}}
 
     # -- data ------------------------------------------------------------------------------------------
-
-    def local_path(self, split, data_dir, files):
-        if split in files:
-            return Path(files[split])
-        if data_dir is not None:
-            raise UserError(f"{self.name} reads --train-file / --validation-file (or --dataset), not --data-dir")
-        return None
-
-    def check_sources(self, data_dir, files) -> None:
-        if self.train_split not in files and self.dataset is None:
-            raise UserError(f"{self.name} trains on your data: pass --train-file (one of {', '.join(TABLE_FORMATS)}) "
-                            "or --dataset NAME for a hub dataset")
-        super().check_sources(data_dir, files)
-
-    def hub_dataset(self, data_dir, files, splits):
-        local = all(split in files for split in splits)
-        return (self.dataset, self.dataset_config) if self.dataset is not None and not local else None
-
-    def load(self, split, data_dir, files):
-        path = self.local_path(split, data_dir, files)
-        if path is not None:
-            return to_dataset(read_table(path))
-        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
-        return load_hub_dataset(self.dataset, self.dataset_config, name)
-
-    def has_hub_split(self, split: str) -> bool:
-        from adalora_cli.data import hub_split_names
-
-        name = self.dataset_train_split if split == self.train_split else self.dataset_eval_split
-        return self.dataset is not None and name in hub_split_names(self.dataset, self.dataset_config)
 
     def settings_from_data(self, raw, source: str) -> dict[str, Any]:
         """The columns (given or detected) and, for classification, the class names of the training data."""
