@@ -150,6 +150,8 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
     for key in ("data_dir", "train_file", "validation_file"):  # the saved config must work from any folder
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
+    if Path(cfg.model).expanduser().is_dir():  # a local model folder, likewise
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
     method, method_cfg = get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
     tracking.check_installed(cfg.report_to)

@@ -161,3 +161,21 @@ def test_squad_without_validation_data_holds_out_whole_articles(tmp_path):
     train, held = held_out_split(raw, 0.25, seed=0, group_column="title")
     assert set(train["title"]).isdisjoint(held["title"]) and len(train) + len(held) == 14
     assert len(set(held["title"])) == 1
+
+
+def test_glue_leaderboard_tsv(glue_dir, tiny_bert_dir, tmp_path):
+    """`--format glue` writes GLUE's submission file: index and prediction (class ids for SST-2), in input order,
+    from a file shaped like GLUE's test.tsv (an index column, no labels)."""
+    out = tmp_path / "run"
+    train_tiny("lora", "--task", "sst2", "--model", tiny_bert_dir, "--data-dir", glue_dir, "--output-dir", out,
+               "--max-train-samples", "64", "--max-eval-samples", "16", *TINY)
+    sentences = [line.split("\t")[0] for line in (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:11]]
+    test = tmp_path / "test.tsv"
+    test.write_text("index\tsentence\n" + "".join(f"{100 + i}\t{s}\n" for i, s in enumerate(sentences)))
+    result = runner.invoke(app, ["predict", str(out), "--input", str(test), "--format", "glue", "--output",
+                                 str(tmp_path / "SST-2.tsv")])
+    assert result.exit_code == 0, result.stderr
+    lines = (tmp_path / "SST-2.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 11
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(100 + i) for i in range(10)]
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}

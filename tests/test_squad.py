@@ -417,6 +417,23 @@ def test_qa_exports_load_as_question_answering_models(tiny_bert_dir, squad_split
                                            msg=f"{fmt} {name}")
 
 
+@pytest.mark.parametrize("task", ["squad", "squad_v2"])
+def test_predict_answers_squad_format_questions(tiny_bert_dir, squad_splits, tmp_path, task):
+    """`adalora predict` on a SQuAD-format file: one {"id", "answer", "score"} per question, in order, each answer
+    taken from its context (or "" for no answer in v2.0), as `adalora eval` scores them."""
+    version = "v2" if task == "squad_v2" else "v1"
+    run = tmp_path / "run"
+    train_qa(tiny_bert_dir, squad_splits[version], run, task, "lora")
+    result = runner.invoke(app, ["predict", str(run), "--input", str(squad_splits[version][1])])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    data = json.loads(squad_splits[version][1].read_text())["data"]
+    questions = [(qa["id"], p["context"]) for a in data for p in a["paragraphs"] for qa in p["qas"]]
+    assert [r["id"] for r in records] == [qid for qid, _ in questions]
+    assert all(r["answer"] in context for r, (_, context) in zip(records, questions))
+    assert all(isinstance(r["score"], float) for r in records if r["answer"])
+
+
 def test_cli_reports_bad_squad_files_in_one_line(tiny_bert_dir, tmp_path):
     bad = write(tmp_path / "bad.json", "{oops")
     out = tmp_path / "out"
