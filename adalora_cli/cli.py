@@ -44,7 +44,7 @@ class OneLineErrors(TyperGroup):
 
 app = typer.Typer(
     cls=OneLineErrors,
-    help="Fine-tune Transformer encoders with adaptive-rank low-rank adapters under a parameter budget.",
+    help="Fine-tune Transformer models with adaptive-rank low-rank adapters under a parameter budget.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -119,8 +119,9 @@ EVAL = "Evaluation during training"
 @app.command()
 @user_errors
 def train(
-    task: Annotated[Optional[str], _opt("task", "Required (here or in --config): sst2, mnli, ..., squad, "
-                                        "text-classification, text-regression (`adalora tasks`).", shown="none")] = None,
+    task: Annotated[Optional[str], _opt("task", "Required (here or in --config): text-classification, "
+                                        "text-regression, sst2, mnli, ..., squad, xsum, seq2seq, causal-lm, ... "
+                                        "(`adalora tasks`).", shown="none")] = None,
     output_dir: Annotated[Optional[str], _opt("output_dir", "Required (here or in --config): the run directory to "
                                               "write.", shown="none")] = None,
     method: Annotated[Optional[str], _opt("method", "lora, adalora, prilora, dylora or full (`adalora methods`).")] = None,

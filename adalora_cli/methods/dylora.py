@@ -43,6 +43,7 @@ logger = logging.getLogger("adalora_cli")
 class DyLoraConfig(MethodConfig):
     r_max: int | None = None  # largest rank; default: the largest uniform rank that fits --budget (8 without one)
     r_min: int = 1  # smallest rank drawn during training
+    alpha: float = 8.0  # numerator of the scale alpha / b (measured for non-frozen training: docs/methods.md)
     mode: str = "nonfrozen"  # nonfrozen: components 1..b learn at a step drawn at rank b; frozen: only b learns
     seed: int | None = None  # seed of the rank draws; default: the run's seed
 
@@ -183,7 +184,7 @@ register_method(
         name="dylora",
         summary="DyLoRA: one rank drawn per step, the adapter works at any rank up to r_max afterwards",
         config_cls=DyLoraConfig,
-        default_lr=5e-4,
+        default_lr=1e-3,  # measured for non-frozen training (docs/methods.md, "How the defaults were chosen")
         plan=plan_nested,
         make_layer=make_layer,
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,
