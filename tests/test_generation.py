@@ -81,9 +81,15 @@ def test_train_eval_predict_and_export(runs, question_generation, tmp_path, arch
     loaded = rundir.load_run(run)
     ours = greedy(loaded.model, loaded.tokenizer, causal)
     base = auto.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    untrained = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     theirs = greedy(PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval(), loaded.tokenizer, causal)
-    merged = greedy(auto.from_pretrained(tmp_path / "merged").eval(), loaded.tokenizer, causal)
+    merged_model = auto.from_pretrained(tmp_path / "merged").eval()
+    merged = greedy(merged_model, loaded.tokenizer, causal)
     assert torch.equal(ours, theirs) and torch.equal(ours, merged)
+    # the agreement is not that of three untouched models: the trained update is in the merged weights
+    changed = [name for name, tensor in merged_model.state_dict().items()
+               if name in untrained and not torch.equal(tensor, untrained[name])]
+    assert changed, "the merged model equals the base model"
 
 
 def test_the_rank_heat_map_shows_cross_attention(runs):
