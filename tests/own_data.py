@@ -8,13 +8,15 @@ CSV / JSONL, three classes from binned scores, regression targets.
 - similarity-{train,dev}.csv: STS-B pairs as first,second,similarity with similarity low (< 2), mid, high (>= 3.5)
 - relatedness-{train,dev}.csv: STS-B pairs as premise,hypothesis,relatedness (the 0-5 score)
 - qg-{train,dev}.jsonl (with --question-generation): questions of SQuAD articles 1-38 / 39-48 as
-  {"source": "answer: ... context: ...", "target": question} (with --causal: prompt / completion)
+  {"source": "answer: ... context: ...", "target": question} (with --causal: prompt / completion); and
+  denoise.jsonl, passages of the training articles to reconstruct (a pretraining task; see write_denoising)
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -83,6 +85,26 @@ def write_question_generation(squad_file: Path, out: Path, name: str, articles: 
     return path
 
 
+def write_denoising(question_generation_train: Path, out: Path, drop: float = 0.15, seed: int = 0) -> Path:
+    """A pretraining task for a tiny generator made from the training articles only: windows of 60 words of each
+    context (every 20 words) with `drop` of the words removed as `source`, the window's first 25 words as `target`.
+    A model trained on it knows the articles' language but has never seen a question."""
+    rng = random.Random(seed)
+    rows = [json.loads(line) for line in Path(question_generation_train).read_text().splitlines()]
+    contexts = sorted({row["source"].split(" context: ", 1)[1] for row in rows})
+    examples = []
+    for context in contexts:
+        words = context.split()
+        for start in range(0, max(1, len(words) - 40), 20):
+            window = words[start:start + 60]
+            examples.append({"source": " ".join(w for w in window if rng.random() > drop),
+                             "target": " ".join(window[:25])})
+    rng.shuffle(examples)
+    path = Path(out) / "denoise.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return path
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--question-generation":
         kind = "causal" if "--causal" in sys.argv else "seq2seq"
@@ -90,6 +112,8 @@ if __name__ == "__main__":
         out.mkdir(parents=True, exist_ok=True)
         for name, articles in (("qg-train", slice(0, 38)), ("qg-dev", slice(38, 48))):
             print(write_question_generation(squad, out, name, articles, kind))
+        if kind == "seq2seq":
+            print(write_denoising(out / "qg-train.jsonl", out))
     else:
         for written in write_all(Path(sys.argv[1]), Path(sys.argv[2])):
             print(written)
