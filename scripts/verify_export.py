@@ -4,8 +4,8 @@
 
 Exports RUN_DIR both ways into a temporary folder, then compares logits over the task's first evaluation set:
 - ours:   the run reloaded by `adalora_cli.rundir.load_run` (what `adalora eval` evaluates);
-- peft:   `peft.PeftModel.from_pretrained(AutoModelFor*.from_pretrained(BASE, num_labels=N), DIR)`, and the
-          rank PEFT built for every module against rank_pattern.json;
+- peft:   `peft.PeftModel.from_pretrained(AutoModelFor*.from_pretrained(BASE, num_labels=N, dtype=float32), DIR)`,
+          and the rank PEFT built for every module against rank_pattern.json;
 - merged: `AutoModelFor*.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` in a child Python
           process that imports neither adalora_cli nor peft.
 Prints the largest |logit difference| on the first N examples and on the whole set, and the accuracy of each.
@@ -87,7 +87,9 @@ def main() -> int:
             peft_dir = run_export(args.run, "peft", folder / "peft", overwrite=True)
             base = models.resolve_model(cfg.model)
             auto = getattr(transformers, models.MODEL_CLASSES[task.model_kind])
-            peft_model = PeftModel.from_pretrained(auto.from_pretrained(base, num_labels=task.num_labels), peft_dir)
+            # float32 as training loaded it: a float16 checkpoint (microsoft/deberta-v3-base) otherwise loads in float16
+            base_model = auto.from_pretrained(base, num_labels=task.num_labels, dtype=torch.float32)
+            peft_model = PeftModel.from_pretrained(base_model, peft_dir)
             logits["peft"] = model_outputs(peft_model.eval(), features, tokenizer, cfg.eval_batch_size)[0]
             peft_ranks = {name.removeprefix("base_model.model."): module.r["default"]
                           for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}

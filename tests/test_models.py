@@ -111,6 +111,18 @@ def _train_args(model, glue_dir, out):
             "--budget", "4k", "--max-steps", "1", "--max-train-samples", "8", "--max-eval-samples", "8"]
 
 
+def test_verify_export_builds_the_peft_base_in_float32(deberta_run):
+    """scripts/verify_export.py on a float16 checkpoint: its PEFT client must load the base in float32, as training
+    did; in the checkpoint's float16 its logits would differ from ours by float16 rounding and the check fail."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "verify_export.py"), str(deberta_run)],
+                            capture_output=True, text=True)
+    output = result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), output
+    peft_line = next(line for line in result.stdout.splitlines() if line.startswith("peft ") and "all: " in line)
+    # float32 against float32 on this tiny model: 1e-9; a float16 base gave 2.4e-5, inside the script's tolerance
+    assert float(peft_line.split("all: ")[1].split()[0]) < 1e-6, peft_line
+
+
 def test_a_sentencepiece_tokenizer_without_its_packages_names_them(deberta_v3_dir, glue_dir, tmp_path):
     proc = _cli_without(["sentencepiece", "google.protobuf"], _train_args(deberta_v3_dir, glue_dir, tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr[-2000:]
