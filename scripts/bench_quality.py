@@ -144,9 +144,9 @@ def write_report(results: dict, args) -> str:
         "",
         f"Model `{args.model}`, budget {args.budget} adapter parameters, {args.steps} optimizer steps of batch "
         f"{args.batch_size}, max length {args.max_seq_length}, seeds {', '.join(map(str, args.seeds))}; each "
-        "method at its default learning rate and settings ([methods](methods.md)). Each run trains on the first steps x batch "
-        "rows of the task's GLUE train file and is scored on the full GLUE dev set (mean of the task's GLUE "
-        "metrics x 100; mean +- standard deviation over seeds).",
+        "method at its default learning rate and settings ([methods](methods.md)). Each run trains on the first "
+        "steps x batch rows of the task's GLUE train file and is scored on the full GLUE dev set (mean of the task's "
+        "GLUE metrics x 100; mean +- standard deviation over seeds).",
         "",
         "| method | " + " | ".join(args.tasks) + " | average | adapter params |",
         "|---|" + "---|" * (len(args.tasks) + 2),

@@ -142,8 +142,10 @@ class UserDataTask(Task):
         return None
 
     def check_sources(self, data_dir, files) -> None:
+        from adalora_cli.data import TABLE_FORMATS
+
         if self.train_split not in files and self.hub_name is None:
-            raise UserError(f"{self.name} trains on your data: pass --train-file (.csv .tsv .json .jsonl) or "
+            raise UserError(f"{self.name} trains on your data: pass --train-file ({' '.join(TABLE_FORMATS)}) or "
                             "--dataset NAME for a hub dataset")
         super().check_sources(data_dir, files)
 
