@@ -8,16 +8,16 @@ for plain language modelling (`--task causal-lm` with `--text-column` alone), th
 
 Evaluation (`evaluation.generation_outputs`) gives the mean token loss, its perplexity, and the text `generate`
 writes with the task's settings: the papers' beam size, length penalty and lengths for the benchmarks, greedy
-decoding for your own data, each settable (`--set num_beams=4`). Metrics come from `rouge-score` (ROUGE-1/2/L/Lsum,
-stemmed, best over a source's references) and `sacrebleu` (corpus BLEU over all references of a source), on the
-0-100 scale the papers print. Sources with several references (E2E) are generated once and scored against all.
+decoding for your own data, each settable (`--set num_beams=4`). The text metrics (`text_metrics`: ROUGE-1/2/L/Lsum
+from `rouge-score`, best over a source's references; corpus BLEU and chrF from `sacrebleu` over all references of a
+source) score text in any script, on the 0-100 scale the papers print. Sources with several references (E2E) are
+generated once and scored against all.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from typing import Any
 from adalora_cli.data import pick_column, read_table, row_ids, to_dataset
 from adalora_cli.errors import UserError
 from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
+from adalora_cli.tasks.text_metrics import ROUGE, bleu, chrf, rouge
 
-ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 KINDS = ("seq2seq-lm", "causal-lm")
 GENERATION_SETTINGS = ("num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 COLUMN_SETTINGS = ("source_column", "target_column", "prompt_column", "completion_column", "text_column")
@@ -68,9 +68,9 @@ SPECS = [
                    separator=" ||| ",
                    generation={"num_beams": 10, "length_penalty": 0.9, "max_new_tokens": 64, "no_repeat_ngram_size": 4}),
     GenerationSpec("seq2seq", ("source", "input", "document", "article"), ("target", "output", "summary"),
-                   ROUGE + ("bleu", "loss", "perplexity"), "rougeL", kinds=("seq2seq-lm",)),
-    GenerationSpec("causal-lm", ("prompt",), ("completion",), ROUGE + ("bleu", "loss", "perplexity"), "rougeL",
-                   kinds=("causal-lm",), separator=""),
+                   ROUGE + ("bleu", "chrf", "loss", "perplexity"), "rougeL", kinds=("seq2seq-lm",)),
+    GenerationSpec("causal-lm", ("prompt",), ("completion",), ROUGE + ("bleu", "chrf", "loss", "perplexity"),
+                   "rougeL", kinds=("causal-lm",), separator=""),
 ]
 
 
@@ -261,6 +261,8 @@ class GenerationTask(UserDataTask):
             metrics.update(rouge(hypotheses, refs, names))
         if "bleu" in self.metric_names:
             metrics["bleu"] = bleu(hypotheses, refs)
+        if "chrf" in self.metric_names:
+            metrics["chrf"] = chrf(hypotheses, refs)
         return metrics
 
     def prediction_inputs(self, path: Path):
@@ -272,34 +274,6 @@ class GenerationTask(UserDataTask):
 
     def prediction_records(self, predictions, raw, features):
         return [{"text": text} for text in predictions["texts"]]
-
-
-def _sentences(text: str) -> str:
-    """One sentence per line, as ROUGE-Lsum expects (a light splitter: no sentence model is needed)."""
-    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
-
-
-def rouge(hypotheses: list[str], references: list[list[str]], names: list[str]) -> dict[str, float]:
-    """Mean ROUGE F1 x 100 (rouge-score, stemmed), each hypothesis against the best of its references."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(names, use_stemmer=True)
-    totals = {name: 0.0 for name in names}
-    for hypothesis, refs in zip(hypotheses, references):
-        scores = scorer.score_multi([_sentences(r) for r in refs], _sentences(hypothesis))
-        for name in names:
-            totals[name] += scores[name].fmeasure
-    return {name: 100 * total / max(len(hypotheses), 1) for name, total in totals.items()}
-
-
-def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
-    """Corpus BLEU (sacrebleu, 0-100) with every reference of a source; sources with fewer references pad with
-    None, as sacrebleu allows."""
-    import sacrebleu
-
-    width = max((len(r) for r in references), default=1)
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    return float(sacrebleu.corpus_bleu(hypotheses, streams).score)
 
 
 for _spec in SPECS:
