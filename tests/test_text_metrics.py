@@ -18,6 +18,14 @@ ROUGE = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 RUSSIAN = ["Кошка сидит на ковре.", "Сегодня в Москве идёт сильный снег, и дороги закрыты.",
            "Мы читали книгу весь вечер. Потом легли спать."]
 CHINESE = ["猫坐在垫子上。", "今天北京下了很大的雪，道路都关闭了。", "我们整个晚上都在读书。然后去睡觉了。"]
+OTHER_SCRIPTS = {
+    "japanese": ["猫がマットの上に座っている。", "今日は東京で大雪が降り、道路が閉鎖された。"],
+    "korean": ["고양이가 매트 위에 앉아 있다.", "오늘 서울에 많은 눈이 내려서 도로가 폐쇄되었다."],
+    "thai": ["แมวนั่งอยู่บนเสื่อ", "วันนี้หิมะตกหนักในกรุงเทพ"],
+    "arabic": ["القطة تجلس على السجادة الحمراء.", "تساقطت الثلوج بغزارة في المدينة اليوم."],
+    "hindi": ["बिल्ली चटाई पर बैठी है।", "आज दिल्ली में बहुत बर्फ गिरी और सड़कें बंद हो गईं।"],
+    "greek": ["Η γάτα κάθεται στο χαλί.", "Σήμερα χιόνισε πολύ στην Αθήνα και οι δρόμοι έκλεισαν."],
+}
 
 
 def all_metrics(hypotheses, references):
@@ -27,7 +35,8 @@ def all_metrics(hypotheses, references):
 
 # -- identical texts score 100 on every script (the old code gave 0) --------------------------------------------
 
-@pytest.mark.parametrize("texts", [RUSSIAN, CHINESE], ids=["russian", "chinese"])
+@pytest.mark.parametrize("texts", [RUSSIAN, CHINESE, *OTHER_SCRIPTS.values()],
+                         ids=["russian", "chinese", *OTHER_SCRIPTS])
 def test_identical_texts_score_100(texts):
     scores = all_metrics(texts, [[t] for t in texts])
     assert scores == pytest.approx({name: 100.0 for name in ROUGE + ["bleu", "chrf"]})
