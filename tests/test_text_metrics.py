@@ -100,6 +100,11 @@ def test_mixed_scripts_tokenise_per_word_and_per_character():
     assert tokenizer.tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
     assert tokenizer.tokenize("مرحبا بالعالم") == ["مرحبا", "بالعالم"]
     assert tokenizer.tokenize("ที่นี่") == ["ที่", "นี่"]
+    # NFKC: full-width Latin and digits (CJK text, SentencePiece output) and decomposed accents match their
+    # usual forms
+    assert tokenizer.tokenize("ＧＰＴ－４は２０２４年") == tokenizer.tokenize("GPT-4は2024年") == [
+        "gpt", "4", "は", "2024", "年"]
+    assert tokenizer.tokenize("Beyonce\u0301") == tokenizer.tokenize("Beyoncé") == ["beyoncé"]
     # a Russian summary that keeps the English words and gets the Chinese name half right:
     # reference tokens: компания, apple, 苹, 果, выпустила, iphone (6); hypothesis: компания, apple, 苹, 树,
     # выпустила, iphone, 16 (7); 5 match: P = 5/7, R = 5/6, F = 2PR/(P+R) = 10/13

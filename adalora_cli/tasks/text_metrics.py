@@ -5,13 +5,14 @@ which tokenisation each metric uses.
 rouge-score's own tokenizer keeps only [a-z0-9] and sacrebleu's default (13a) splits on spaces, so Russian scored
 ROUGE 0 and Chinese ROUGE and BLEU 0 even for a perfect copy of the reference. Here ROUGE counts words of every
 script (Chinese, Japanese, Thai, Lao, Khmer and Myanmar, written without spaces, one character at a time) and BLEU's
-tokenisation follows the references' script. English text still scores exactly as rouge-score's default does, so
-English numbers stay comparable with the papers'.
+tokenisation follows the references' script. English text in ASCII still scores exactly as rouge-score's default
+does, so English numbers stay comparable with the papers'.
 """
 
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections import Counter
 from functools import lru_cache
 from typing import Sequence
@@ -53,14 +54,16 @@ logger = logging.getLogger("adalora_cli")
 class UnicodeTokenizer:
     """rouge-score's tokenizer (lower-case, letters and digits, Porter stemmer on words longer than 3 letters)
     for any script: words are runs of Unicode letters, digits and combining marks, unspaced scripts give one
-    token per character, and only ASCII words are stemmed (when `stem`, for English). Passed to rouge-score's
-    RougeScorer, which only calls `tokenize`."""
+    token per character, and only ASCII words are stemmed (when `stem`, for English). The text is first
+    NFKC-normalised (ASCII text is unchanged by it), so a composed é matches e + combining accent and full-width
+    ２０２４ matches 2024, as SentencePiece models (T5, mT5) write them. Passed to rouge-score's RougeScorer, which
+    only calls `tokenize`."""
 
     def __init__(self, stem: bool = False):
         self.stem = stem
 
     def tokenize(self, text: str) -> list[str]:
-        tokens = _TOKEN.findall(text.lower())
+        tokens = _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
         return [_porter(t) if len(t) > 3 and t.isascii() else t for t in tokens] if self.stem else tokens
 
 
