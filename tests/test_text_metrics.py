@@ -80,7 +80,7 @@ def test_chinese_partial_overlap_by_characters():
 
 
 def test_chrf_by_hand():
-    # да against до: character 1-grams {д, а} / {д, о}: 1 match, P = R = 1/2, F(beta=2) = 1/2; the 2-grams дa / до
+    # да against до: character 1-grams {д, а} / {д, о}: 1 match, P = R = 1/2, F(beta=2) = 1/2; the 2-grams да / до
     # do not match: F = 0; no 3- to 6-grams. chrF averages F over the orders that exist: (1/2 + 0) / 2 = 25.
     assert tm.chrf(["да"], [["до"]]) == pytest.approx(25.0)
     # spaces do not count: the same characters, split differently, score 100
