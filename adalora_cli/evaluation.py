@@ -106,11 +106,11 @@ def read_data(cfg: RunConfig, training: bool = True) -> tuple[Task, Any, list[Ev
         task = configured_task(cfg)
         task.check_rows(train_raw, str(source))
     if held_out:
-        train_raw, held = held_out_split(train_raw, cfg.validation_split, cfg.seed, task.group_column)
-        what = f"{task.group_column}s" if task.group_column else "rows"
-        logger.info("no validation data given: holding out %.0f%% of the training data for evaluation (%s of %s %s, "
-                    "seed %d)", 100 * cfg.validation_split, f"{len(held):,}", f"{len(held) + len(train_raw):,}",
-                    "rows" if not task.group_column else f"rows, whole {what}", cfg.seed)
+        train_raw, held = held_out_split(train_raw, cfg.validation_split, cfg.seed, task.group_columns)
+        together = f", rows of the same {' + '.join(task.group_columns)} together" if task.group_columns else ""
+        logger.info("no validation data given: holding out %.0f%% of the training data for evaluation (%s of %s rows"
+                    "%s, seed %d)", 100 * cfg.validation_split, f"{len(held):,}", f"{len(held) + len(train_raw):,}",
+                    together, cfg.seed)
         evals = [EvalSet(HELD_OUT, "", held)]
     else:
         evals = []

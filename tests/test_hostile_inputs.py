@@ -214,6 +214,12 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "own data: label unseen in training": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,poor\n",
                                                            dev="text,label\nso so,neutral\n"),
                                            "label 'neutral' was not seen in the training data"),
+    "own data: empty label in validation": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,poor\n",
+                                                            dev="text,label\nso so,good\nmeh,\n"),
+                                            "dev.csv row 2: the label ('label') is empty; every row needs a label"),
+    "own data: empty label in training": (lambda e: e.own("rows.jsonl", '{"text": "fine", "label": 1}\n'
+                                                          '{"text": "bad", "label": 0}\n{"text": "meh", "label": null}\n'),
+                                          "rows.jsonl row 3: the label ('label') is empty"),
     "own data: regression target not a number": (lambda e: e.own("rows.csv", "text,score\nfine,4.5\nbad,low\n",
                                                                  task="text-regression"), "is 'low', not a number"),
     "own data: one class only": (lambda e: e.own("rows.csv", "text,label\nfine,good\nbad,good\n"),

@@ -158,7 +158,7 @@ def test_squad_without_validation_data_holds_out_whole_articles(tmp_path):
     from adalora_cli.data import held_out_split, to_dataset
 
     raw = to_dataset({"title": ["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["d"] * 2, "question": [str(i) for i in range(14)]})
-    train, held = held_out_split(raw, 0.25, seed=0, group_column="title")
+    train, held = held_out_split(raw, 0.25, seed=0, group_columns=("title",))
     assert set(train["title"]).isdisjoint(held["title"]) and len(train) + len(held) == 14
     assert len(set(held["title"])) == 1
 
