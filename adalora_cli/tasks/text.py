@@ -88,8 +88,8 @@ class TextTask(UserDataTask):
                                 "classification needs at least two classes")
         return settings
 
-    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
-        found = list(raw.column_names)
+    def require_columns(self, found: list[str], source: str, labelled: bool = True) -> None:
+        """One line naming the first of the run's columns that `found` (a file's real columns) lacks."""
         columns = [(self.text_column, "--text-column")]
         if self.text_pair_column:
             columns.append((self.text_pair_column, "--text-pair-column"))
@@ -97,6 +97,9 @@ class TextTask(UserDataTask):
             columns.append((self.label_column, "--label-column"))
         for column, flag in columns:
             pick_column(found, column, (), "", flag, source)
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        self.require_columns(list(raw.column_names), source, labelled)
         for column in self.input_columns():
             for i, value in enumerate(raw[column]):
                 if not isinstance(value, str) or not value.strip():
@@ -165,7 +168,8 @@ class TextTask(UserDataTask):
         from adalora_cli.data import row_ids
 
         columns = read_table(path)
-        raw = to_dataset({c: columns[c] for c in self.input_columns() if c in columns})
+        self.require_columns(list(columns), str(path), labelled=False)
+        raw = to_dataset({c: columns[c] for c in self.input_columns()})
         self.check_rows(raw, str(path), labelled=False)
         return raw, row_ids(columns)
 
