@@ -256,3 +256,26 @@ def test_glue_leaderboard_tsv(sst2_run, glue_dir, tmp_path):
     assert lines[0] == "index\tprediction" and len(lines) == 11
     assert [line.split("\t")[0] for line in lines[1:]] == [str(100 + i) for i in range(10)]
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+
+
+@pytest.mark.parametrize("arch, task, names", [
+    ("bart", "seq2seq", {"source": "document", "target": "question"}),
+    ("gpt2", "causal-lm", {"prompt": "context", "completion": "question"}),
+])
+def test_eval_input_on_generation_data(generators, question_generation, tmp_path, arch, task, names):
+    """Source/target and prompt/completion files score as `adalora eval` scores the run's validation file, also
+    with other column names given by the column options."""
+    kind = "seq2seq" if task == "seq2seq" else "causal"
+    run = tmp_path / "run"
+    train_tiny("lora", "--task", task, "--model", generators[arch], "--train-file", question_generation[f"{kind}-train"],
+               "--validation-file", question_generation[f"{kind}-dev"], "--output-dir", run, "--max-steps", "2",
+               "--batch-size", "8", "--max-seq-length", "96", "--set", "max_target_length=24",
+               "--set", "max_new_tokens=8")
+    expected = json.loads((run / rundir.METRICS).read_text())["eval"]
+    assert evaluate_file(run, question_generation[f"{kind}-dev"])["eval"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    other = renamed(question_generation[f"{kind}-dev"], tmp_path / "other.jsonl", names)
+    first, second = (f"--{role}-column" for role in names)
+    error = one_line_error(runner.invoke(app, ["eval", str(run), "--input", str(other)]))
+    assert f"(columns: {', '.join(names.values())}); pick one with {first}" in error
+    scored = evaluate_file(run, other, first, list(names.values())[0], second, list(names.values())[1])
+    assert scored["eval"] == pytest.approx(expected, rel=1e-5, abs=1e-5) and scored["rows"] == 16
