@@ -6,7 +6,8 @@ Data: `--train-file` / `--validation-file` (.csv, .tsv, .json, .jsonl) or a hub 
 text_pair / sentence2; label / labels / score). What was detected, and the class names, are written into the
 run's config, so `eval`, `predict` and the exports use the same columns and classes.
 
-Classes are the distinct labels of the training data (strings or integers), sorted; their names are kept in
+Classes are the distinct labels of the training data (strings or numbers; numbers compare as numbers, so 1, 1.0
+and "1" are one class), sorted; their names are kept in
 metrics, predictions and every export's `id2label`. Metrics: accuracy and macro-F1 (two classes: also the F1 of
 the second class, `f1`); regression: Pearson, Spearman and mean squared error.
 """
@@ -103,7 +104,7 @@ class TextTask(UserDataTask):
         for column in self.input_columns():
             for i, value in enumerate(raw[column]):
                 if not isinstance(value, str) or not value.strip():
-                    shown = "empty" if value is None or (isinstance(value, str) and not value.strip()) else repr(value)
+                    shown = "empty" if _empty(value) else repr(value)
                     raise UserError(f"{source} row {i + 1}: {column!r} is {shown}; every row needs a non-empty text "
                                     "(remove or fill that row)")
         if labelled:
