@@ -198,18 +198,53 @@ def train(
         typer.echo(json.dumps(metrics, indent=2))
 
 
+COLUMNS = "Columns of the file, where they differ from the run's"
+
+
+def _column(help_: str):
+    """A column option of `eval --input` and `predict`: the file's name for one of the run's columns."""
+    return typer.Option(help=help_, show_default="the run's", rich_help_panel=COLUMNS)
+
+
+TextColumnOpt = Annotated[Optional[str], _column("Text column.")]
+TextPairColumnOpt = Annotated[Optional[str], _column("Second text of a pair.")]
+LabelColumnOpt = Annotated[Optional[str], _column("Label column (eval).")]
+SourceColumnOpt = Annotated[Optional[str], _column("Generation: source text column.")]
+TargetColumnOpt = Annotated[Optional[str], _column("Generation: target text column (eval).")]
+PromptColumnOpt = Annotated[Optional[str], _column("causal-lm: prompt column.")]
+CompletionColumnOpt = Annotated[Optional[str], _column("causal-lm: completion column (eval).")]
+
+
+def _columns(options: dict) -> dict[str, Optional[str]]:
+    from adalora_cli.evaluation import COLUMN_OPTIONS
+
+    return {key: options[key] for key in COLUMN_OPTIONS}
+
+
 @app.command("eval")
 @user_errors
 def eval_(
     run: RunDirArg,
     data_dir: DataDirOpt = None,
+    input_: Annotated[Optional[Path], typer.Option("--input", help="Score this labelled file instead of the run's "
+                                                   "evaluation data: the task's format (own data: .csv .tsv .json "
+                                                   ".jsonl; GLUE TSV; SQuAD JSON); writes RUN/eval-<file stem>.json."
+                                                   )] = None,
     rank: Annotated[Optional[int], typer.Option(help="Evaluate an any-rank (DyLoRA) adapter at this rank.")] = None,
     rank_sweep: Annotated[bool, typer.Option(help="Evaluate an any-rank adapter at every rank 1..r_max.")] = False,
+    text_column: TextColumnOpt = None,
+    text_pair_column: TextPairColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    source_column: SourceColumnOpt = None,
+    target_column: TargetColumnOpt = None,
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
 ) -> None:
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
     from adalora_cli.evaluation import run_eval
 
-    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep)
+    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_,
+                      columns=_columns(locals()))
     if rank_sweep:
         names = sorted({name for metrics in result.values() for name in metrics})
         typer.echo("rank  " + "  ".join(f"{n:>10s}" for n in names))
@@ -231,11 +266,18 @@ def predict(
     rank: Annotated[Optional[int], typer.Option(help="Predict with an any-rank (DyLoRA) adapter at this rank.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch.", show_default="the run's "
                                                       "eval_batch_size")] = None,
+    text_column: TextColumnOpt = None,
+    text_pair_column: TextPairColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    source_column: SourceColumnOpt = None,
+    target_column: TargetColumnOpt = None,
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
 ) -> None:
     """Predict new rows with a trained run: one JSON line per input row, in input order."""
     from adalora_cli.evaluation import run_predict
 
-    run_predict(run, input_, output, format_, rank, batch_size)
+    run_predict(run, input_, output, format_, rank, batch_size, columns=_columns(locals()))
 
 
 @app.command("export-adapter")

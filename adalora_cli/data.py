@@ -141,14 +141,15 @@ def hub_split_names(name: str, config: str | None) -> list[str]:
 
 
 def pick_column(found: list[str], given: str | None, candidates: tuple[str, ...], what: str, flag: str,
-                source: str, required: bool = True) -> str | None:
-    """The column to use for `what`: the one given (which must exist), else the first candidate present."""
+                source: str, required: bool = True, taken: tuple[str | None, ...] = ()) -> str | None:
+    """The column to use for `what`: the one given (which must exist), else the first candidate present that is
+    not `taken` (already named or picked for another role: `--text-column sentence2` is not also the pair)."""
     if given is not None:
         if given not in found:
             raise UserError(f"{source} has no column {given!r} (columns: {', '.join(found)}); pick one with {flag}")
         return given
     for name in candidates:
-        if name in found:
+        if name in found and name not in taken:
             return name
     if required:
         raise UserError(f"{source} has no {what} column ({' / '.join(candidates)}; columns: {', '.join(found)}); "
@@ -156,29 +157,25 @@ def pick_column(found: list[str], given: str | None, candidates: tuple[str, ...]
     return None
 
 
-def held_out_split(raw, fraction: float, seed: int, group_column: str | None = None):
+def held_out_split(raw, fraction: float, seed: int, group_columns: tuple[str, ...] = ()):
     """(training rows, held-out rows): a seeded share `fraction` of `raw` set aside for evaluation.
 
-    With `group_column`, whole groups go to one side (SQuAD: every question of an article), so no context is
-    seen in training and then scored.
+    Rows with the same values in `group_columns` (the task's input: a text, a pair, a source with several
+    references, a SQuAD article) go to one side together, so no held-out input was trained on; the share is a
+    share of those groups. Without `group_columns`, or when no input repeats, each row is its own group, which
+    gives the same split as shuffling the rows.
     """
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    if group_column is None:
-        order = rng.permutation(len(raw))
-        n_eval = max(1, round(fraction * len(raw)))
-        if n_eval >= len(raw):
-            raise UserError(f"{len(raw)} training row(s) are too few to hold out {fraction:.0%} for evaluation; "
-                            "give a --validation-file")
-        return raw.select(sorted(order[n_eval:])), raw.select(sorted(order[:n_eval]))
-    groups = list(dict.fromkeys(raw[group_column]))
-    if len(groups) < 2:
-        raise UserError(f"the training file holds one {group_column} only, too few to hold some out for evaluation; "
-                        "give a --validation-file")
-    shuffled = [groups[i] for i in rng.permutation(len(groups))]
-    held = set(shuffled[:max(1, round(fraction * len(groups)))])
-    column = raw[group_column]
-    keep = [i for i, g in enumerate(column) if g not in held]
-    evaluate = [i for i, g in enumerate(column) if g in held]
+    keys = list(zip(*(raw[c] for c in group_columns))) if group_columns else list(range(len(raw)))
+    groups = list(dict.fromkeys(keys))
+    n_eval = max(1, round(fraction * len(groups)))
+    if n_eval >= len(groups):
+        what = f"distinct {' + '.join(group_columns)} value(s)" if group_columns else "training row(s)"
+        raise UserError(f"{len(groups)} {what} are too few to hold out {fraction:.0%} for evaluation; give a "
+                        "--validation-file")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    held = {groups[i] for i in order[:n_eval]}
+    keep = [i for i, key in enumerate(keys) if key not in held]
+    evaluate = [i for i, key in enumerate(keys) if key in held]
     return raw.select(keep), raw.select(evaluate)

@@ -26,6 +26,9 @@ from adalora_cli.tasks import Task, get_task
 logger = logging.getLogger("adalora_cli")
 
 HELD_OUT = "held-out"  # the name of an evaluation set cut from the training data
+INPUT = "input"  # the name of the evaluation set of `adalora eval --input`
+COLUMN_OPTIONS = ("text_column", "text_pair_column", "label_column", "source_column", "target_column",
+                  "prompt_column", "completion_column")
 
 
 def quiet_datasets() -> None:
@@ -74,6 +77,25 @@ def require_hub(cfg: RunConfig, data: bool = True) -> None:
     hub.require(needs)
 
 
+def apply_file_columns(cfg: RunConfig, columns: dict[str, str | None] | None) -> dict[str, str]:
+    """The column options given for a file to evaluate or predict (`--text-column`...), set in `cfg`; columns not
+    given stay the run's. A task whose files have fixed columns (GLUE, SQuAD) refuses them."""
+    given = {key: value for key, value in (columns or {}).items() if value is not None}
+    task = configured_task(cfg)
+    for key in given:
+        if key not in COLUMN_OPTIONS or not hasattr(task, key):
+            raise UserError(f"--{key.replace('_', '-')} does not apply to {task.name} runs; name the file's columns "
+                            "as the task expects")
+        setattr(cfg, key, given[key])
+    return given
+
+
+def _require_file(path: Path) -> Path:
+    if not Path(path).is_file():
+        raise UserError(f"--input {path} does not exist; give the file to read")
+    return Path(path)
+
+
 def _train_file_only(cfg: RunConfig) -> bool:
     return bool(cfg.train_file) and not (cfg.validation_file or cfg.data_dir)
 
@@ -85,13 +107,20 @@ def holds_out(cfg: RunConfig, task: Task) -> bool:
     return _train_file_only(cfg) or not task.has_hub_split(task.eval_splits[0].split)
 
 
-def read_data(cfg: RunConfig, training: bool = True) -> tuple[Task, Any, list[EvalSet]]:
+def read_data(cfg: RunConfig, training: bool = True,
+              eval_file: Path | None = None) -> tuple[Task, Any, list[EvalSet]]:
     """(the task configured with what the data told, the training rows or None, the evaluation sets).
 
     Reads every set now, so that bad data fails before any model work. Settings read off the training data
-    (columns, class names) are written into `cfg`, which the run saves.
+    (columns, class names) are written into `cfg`, which the run saves. With `eval_file` (a trained run's `cfg`,
+    not training), that file in the task's format is the one evaluation set, read in full.
     """
     task = configured_task(cfg)
+    if eval_file is not None:
+        split = task.eval_splits[0].split
+        raw = task.load(split, None, {split: Path(eval_file)})
+        task.check_rows(raw, str(eval_file))
+        return task, None, [EvalSet(INPUT, "", raw)]
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     local = data_files(cfg, task)
     task.check_sources(data_dir, local)
@@ -106,11 +135,11 @@ def read_data(cfg: RunConfig, training: bool = True) -> tuple[Task, Any, list[Ev
         task = configured_task(cfg)
         task.check_rows(train_raw, str(source))
     if held_out:
-        train_raw, held = held_out_split(train_raw, cfg.validation_split, cfg.seed, task.group_column)
-        what = f"{task.group_column}s" if task.group_column else "rows"
-        logger.info("no validation data given: holding out %.0f%% of the training data for evaluation (%s of %s %s, "
-                    "seed %d)", 100 * cfg.validation_split, f"{len(held):,}", f"{len(held) + len(train_raw):,}",
-                    "rows" if not task.group_column else f"rows, whole {what}", cfg.seed)
+        train_raw, held = held_out_split(train_raw, cfg.validation_split, cfg.seed, task.group_columns)
+        together = f", rows of the same {' + '.join(task.group_columns)} together" if task.group_columns else ""
+        logger.info("no validation data given: holding out %.0f%% of the training data for evaluation (%s of %s rows"
+                    "%s, seed %d)", 100 * cfg.validation_split, f"{len(held):,}", f"{len(held) + len(train_raw):,}",
+                    together, cfg.seed)
         evals = [EvalSet(HELD_OUT, "", held)]
     else:
         evals = []
@@ -280,18 +309,27 @@ def _load_for_inference(run: Path, data_dir: str | None, rank: int | None, sweep
     return loaded, r_max
 
 
-def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
-             rank_sweep: bool = False) -> dict[str, Any]:
+def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, rank_sweep: bool = False,
+             input_path: Path | None = None, columns: dict[str, str | None] | None = None) -> dict[str, Any]:
     """Reload a run (or native export) and evaluate it; writes eval.json into the run folder.
 
     With `rank`, an any-rank adapter (DyLoRA) is evaluated truncated to that rank; with `rank_sweep`, at
-    every rank from 1 to r_max (written to eval_ranks.json and drawn in eval_ranks.png).
+    every rank from 1 to r_max (written to eval_ranks.json and drawn in eval_ranks.png). With `input_path`, a
+    labelled file in the run's task format (its columns named by `columns` where they differ from the run's) is
+    scored instead of the run's evaluation data, into eval-<file stem>.json.
     """
     quiet_datasets()
     cfg = rundir.read_run_config(run, data_dir)
-    require_hub(cfg)
-    _, _, evals = read_data(cfg, training=False)
+    if input_path is None and any(v is not None for v in (columns or {}).values()):
+        raise UserError("the column options name the columns of --input FILE; give --input or drop them")
+    if input_path is not None and rank_sweep:
+        raise UserError("--rank-sweep evaluates the run's own evaluation data; use --rank B with --input")
+    eval_file = _require_file(input_path) if input_path is not None else None
+    given = apply_file_columns(cfg, columns)
+    require_hub(cfg, data=eval_file is None)
+    _, _, evals = read_data(cfg, training=False, eval_file=eval_file)
     (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, data_dir, rank, rank_sweep)
+    task = task.with_settings(**given)
     if rank_sweep:
         by_rank = {}
         for b in range(1, r_max + 1):
@@ -304,7 +342,13 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None,
         plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
         return by_rank
     metrics = evaluate(model, tokenizer, task, evals, cfg)
-    files.write_json(Path(run) / "eval.json", {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics})
+    record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
+    if input_path is None:
+        files.write_json(Path(run) / "eval.json", record)
+    else:
+        written = Path(run) / f"eval-{Path(input_path).stem}.json"
+        files.write_json(written, {**record, "input": str(input_path), "rows": len(evals[0].raw)})
+        logger.info("scored %s rows of %s; wrote %s", f"{len(evals[0].raw):,}", input_path, written)
     return metrics
 
 
@@ -319,13 +363,16 @@ PREDICT_FORMATS = ("jsonl", "glue")
 
 
 def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: str = "jsonl",
-                rank: int | None = None, batch_size: int | None = None) -> int:
+                rank: int | None = None, batch_size: int | None = None,
+                columns: dict[str, str | None] | None = None) -> int:
     """Predict every row of `input_path` with a trained run; writes JSONL (or GLUE's leaderboard TSV) to `output`
-    (atomically) or to stdout. Returns the number of rows."""
+    (atomically) or to stdout. `columns` names the file's columns where they differ from the run's. Returns the
+    number of rows."""
     quiet_datasets()
     if fmt not in PREDICT_FORMATS:
         raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(PREDICT_FORMATS)}")
     cfg = rundir.read_run_config(run)
+    given = apply_file_columns(cfg, columns)
     require_hub(cfg, data=False)
     task = configured_task(cfg)
     if fmt == "glue" and not hasattr(task, "leaderboard_label"):
@@ -334,6 +381,7 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))
     (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, None, rank)
+    task = task.with_settings(**given)
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
     outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
                            devices.resolve_precision(cfg.precision), progress=f"predicting {len(raw):,} rows")

@@ -77,6 +77,66 @@ def test_predict_agrees_with_the_run(reviews_run, own, tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
 
 
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adalora: error: "), result.stderr
+    return lines[0]
+
+
+def renamed(path, out, names: dict[str, str]):
+    """The JSONL rows of `path` with their columns renamed."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out.write_text("".join(json.dumps({names.get(k, k): v for k, v in r.items()}) + "\n" for r in rows))
+    return out
+
+
+def test_predict_takes_the_column_options_and_names_the_files_columns(reviews_run, own, tmp_path):
+    """A file whose columns differ from the run's: the error lists the file's real columns and the option to
+    use; with that option (as at training), the predictions are those of the run's own column names."""
+    words = renamed(own["reviews_dev"], tmp_path / "words.jsonl", {"review": "words", "sentiment": "stars"})
+    error = one_line_error(runner.invoke(app, ["predict", str(reviews_run), "--input", str(words)]))
+    assert f"{words} has no column 'review' (columns: words, stars); pick one with --text-column" in error
+    assert predict(reviews_run, words, "--text-column", "words") == predict(reviews_run, own["reviews_dev"])
+    error = one_line_error(runner.invoke(app, ["predict", str(reviews_run), "--input", str(words), "--source-column",
+                                               "words"]))
+    assert "--source-column does not apply to text-classification runs" in error
+
+
+def evaluate_file(run, path, *extra) -> dict:
+    result = runner.invoke(app, ["eval", str(run), "--input", str(path), *map(str, extra)])
+    assert result.exit_code == 0, result.stderr
+    written = json.loads((run / f"eval-{path.stem}.json").read_text())
+    assert written["eval"] == json.loads(result.stdout) and written["input"] == str(path)
+    return written
+
+
+def test_eval_input_scores_a_kept_aside_file(reviews_run, own, tmp_path):
+    """`adalora eval RUN --input FILE` on the run's own validation file gives the run's metrics, written to
+    eval-<stem>.json (eval.json untouched); a file with other column names is read with the column options."""
+    expected = json.loads((reviews_run / rundir.METRICS).read_text())["eval"]
+    before = (reviews_run / "eval.json").read_bytes() if (reviews_run / "eval.json").exists() else None
+    written = evaluate_file(reviews_run, own["reviews_dev"])
+    assert written["eval"] == pytest.approx(expected, abs=1e-6) and written["rows"] == 60
+    assert written["task"] == "text-classification" and written["method"] == "adalora"
+    after = (reviews_run / "eval.json").read_bytes() if (reviews_run / "eval.json").exists() else None
+    assert after == before
+    words = renamed(own["reviews_dev"], tmp_path / "words.jsonl", {"review": "words", "sentiment": "stars"})
+    assert evaluate_file(reviews_run, words, "--text-column", "words", "--label-column", "stars")["eval"] == \
+        pytest.approx(expected, abs=1e-6)
+
+
+def test_eval_input_without_the_runs_columns_is_one_line(reviews_run, own, tmp_path):
+    words = renamed(own["reviews_dev"], tmp_path / "other.jsonl", {"review": "words", "sentiment": "stars"})
+    error = one_line_error(runner.invoke(app, ["eval", str(reviews_run), "--input", str(words)]))
+    assert f"{words} has no column 'review' (columns: words, stars); pick one with --text-column" in error
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("review,id\nsehr gut,1\n", encoding="utf-8")
+    error = one_line_error(runner.invoke(app, ["eval", str(reviews_run), "--input", str(unlabelled)]))
+    assert "has no column 'sentiment' (columns: review, id); pick one with --label-column" in error
+    assert not (reviews_run / "eval-other.json").exists() and not (reviews_run / "eval-unlabelled.json").exists()
+
+
 MERGED_LABELS = """
 import json, sys
 from transformers import pipeline
@@ -158,17 +218,34 @@ def test_squad_without_validation_data_holds_out_whole_articles(tmp_path):
     from adalora_cli.data import held_out_split, to_dataset
 
     raw = to_dataset({"title": ["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["d"] * 2, "question": [str(i) for i in range(14)]})
-    train, held = held_out_split(raw, 0.25, seed=0, group_column="title")
+    train, held = held_out_split(raw, 0.25, seed=0, group_columns=("title",))
     assert set(train["title"]).isdisjoint(held["title"]) and len(train) + len(held) == 14
     assert len(set(held["title"])) == 1
 
 
-def test_glue_leaderboard_tsv(glue_dir, tiny_bert_dir, tmp_path):
-    """`--format glue` writes GLUE's submission file: index and prediction (class ids for SST-2), in input order,
-    from a file shaped like GLUE's test.tsv (an index column, no labels)."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def sst2_run(glue_dir, tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sst2") / "run"
     train_tiny("lora", "--task", "sst2", "--model", tiny_bert_dir, "--data-dir", glue_dir, "--output-dir", out,
                "--max-train-samples", "64", "--max-eval-samples", "16", *TINY)
+    return out
+
+
+def test_eval_input_on_a_glue_tsv(sst2_run, glue_dir, tmp_path):
+    """A GLUE TSV (the run's 16 dev rows, kept aside as a file) scores as `adalora eval` scores the run's data."""
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:17]
+    test = tmp_path / "sst2-test.tsv"
+    test.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert runner.invoke(app, ["eval", str(sst2_run)]).exit_code == 0
+    expected = json.loads((sst2_run / "eval.json").read_text())["eval"]
+    written = evaluate_file(sst2_run, test)
+    assert written["eval"] == pytest.approx(expected, abs=1e-6) and written["rows"] == 16
+
+
+def test_glue_leaderboard_tsv(sst2_run, glue_dir, tmp_path):
+    """`--format glue` writes GLUE's submission file: index and prediction (class ids for SST-2), in input order,
+    from a file shaped like GLUE's test.tsv (an index column, no labels)."""
+    out = sst2_run
     sentences = [line.split("\t")[0] for line in (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:11]]
     test = tmp_path / "test.tsv"
     test.write_text("index\tsentence\n" + "".join(f"{100 + i}\t{s}\n" for i, s in enumerate(sentences)))
@@ -179,3 +256,26 @@ def test_glue_leaderboard_tsv(glue_dir, tiny_bert_dir, tmp_path):
     assert lines[0] == "index\tprediction" and len(lines) == 11
     assert [line.split("\t")[0] for line in lines[1:]] == [str(100 + i) for i in range(10)]
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+
+
+@pytest.mark.parametrize("arch, task, names", [
+    ("bart", "seq2seq", {"source": "document", "target": "question"}),
+    ("gpt2", "causal-lm", {"prompt": "context", "completion": "question"}),
+])
+def test_eval_input_on_generation_data(generators, question_generation, tmp_path, arch, task, names):
+    """Source/target and prompt/completion files score as `adalora eval` scores the run's validation file, also
+    with other column names given by the column options."""
+    kind = "seq2seq" if task == "seq2seq" else "causal"
+    run = tmp_path / "run"
+    train_tiny("lora", "--task", task, "--model", generators[arch], "--train-file", question_generation[f"{kind}-train"],
+               "--validation-file", question_generation[f"{kind}-dev"], "--output-dir", run, "--max-steps", "2",
+               "--batch-size", "8", "--max-seq-length", "96", "--set", "max_target_length=24",
+               "--set", "max_new_tokens=8")
+    expected = json.loads((run / rundir.METRICS).read_text())["eval"]
+    assert evaluate_file(run, question_generation[f"{kind}-dev"])["eval"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    other = renamed(question_generation[f"{kind}-dev"], tmp_path / "other.jsonl", names)
+    first, second = (f"--{role}-column" for role in names)
+    error = one_line_error(runner.invoke(app, ["eval", str(run), "--input", str(other)]))
+    assert f"(columns: {', '.join(names.values())}); pick one with {first}" in error
+    scored = evaluate_file(run, other, first, list(names.values())[0], second, list(names.values())[1])
+    assert scored["eval"] == pytest.approx(expected, rel=1e-5, abs=1e-5) and scored["rows"] == 16

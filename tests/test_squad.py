@@ -386,6 +386,33 @@ def test_train_then_eval_reproduces_qa_metrics(tiny_bert_dir, squad_splits, tmp_
     assert json.loads((out / "eval.json").read_text())["eval"] == pytest.approx(metrics["eval"], abs=1e-6)
 
 
+def first_questions(path, out, count):
+    """A SQuAD file holding the first `count` questions of `path`, in order (what --max-eval-samples keeps)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    articles, left = [], count
+    for article in data["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if left > 0:
+                paragraphs.append({**paragraph, "qas": paragraph["qas"][:left]})
+                left -= len(paragraphs[-1]["qas"])
+        if paragraphs:
+            articles.append({**article, "paragraphs": paragraphs})
+    return write(out, {"version": data["version"], "data": articles})
+
+
+def test_eval_input_on_a_squad_file(tiny_bert_dir, squad_splits, tmp_path):
+    """`adalora eval RUN --input FILE.json` scores a SQuAD file as `adalora eval` scores the run's data."""
+    run = tmp_path / "run"
+    metrics = train_qa(tiny_bert_dir, squad_splits["v1"], run, "squad", "lora")
+    test = first_questions(squad_splits["v1"][1], tmp_path / "kept-aside.json", 40)
+    result = runner.invoke(app, ["eval", str(run), "--input", str(test)])
+    assert result.exit_code == 0, result.stderr
+    written = json.loads((run / "eval-kept-aside.json").read_text())
+    assert written["eval"] == json.loads(result.stdout) == pytest.approx(metrics["eval"], abs=1e-6)
+    assert written["rows"] == 40 == written["eval"]["total"]
+
+
 def test_qa_exports_load_as_question_answering_models(tiny_bert_dir, squad_splits, tmp_path):
     """PEFT export -> peft on AutoModelForQuestionAnswering, merged export -> plain Transformers: our logits."""
     import torch

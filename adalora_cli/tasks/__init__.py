@@ -34,13 +34,19 @@ class Task:
     train_split: str = "train"
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
-    group_column: str | None = None  # rows sharing this column's value are held out together (SQuAD: the article)
     generates = False  # evaluated on generated text (evaluation.generation_outputs), not on one forward's outputs
 
     @property
     def main_metric(self) -> str:
         """The metric that --keep-best and --early-stopping follow unless --metric names another."""
         return self.metric_names[0]
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """The columns that name a row's input. Rows sharing them (a text labelled twice, a source with several
+        references, the questions of one SQuAD article) are held out together, so that no held-out input was
+        trained on. Empty: every row is an input of its own."""
+        return ()
 
     @staticmethod
     def greater_is_better(metric: str) -> bool:

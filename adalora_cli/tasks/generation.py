@@ -117,6 +117,11 @@ class GenerationTask(UserDataTask):
     def main_metric(self) -> str:
         return "perplexity" if self.plain_lm else self.spec.main_metric
 
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """A held-out share takes a source (prompt, text) with all its references."""
+        return (self.text_column if self.plain_lm else self.source_column,)
+
     def for_model(self, config) -> "GenerationTask":
         from adalora_cli.models import language_model_kind
 

@@ -126,6 +126,11 @@ class GlueTask(Task):
             EvalSplit(split, "_mm" if split.endswith("mismatched") else "") for split in spec.eval_files
         )
 
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """A held-out share takes a repeated sentence (pair) with all its rows."""
+        return tuple(key for key in self.spec.keys if key is not None)
+
     def config_overrides(self) -> dict[str, Any]:
         if self.spec.labels is None:
             return {"problem_type": "regression"}

@@ -122,7 +122,7 @@ class SquadTask(Task):
     model_kind = "question-answering"
     num_labels = 2  # the QA head: one start and one end logit per token
     default_max_seq_length = 384
-    group_column = "title"  # a held-out share takes whole articles: no context is both trained on and scored
+    group_columns = ("title",)  # a held-out share takes whole articles: no context is both trained on and scored
 
     def __init__(self, spec: SquadSpec):
         self.spec = spec

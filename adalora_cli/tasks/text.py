@@ -6,7 +6,8 @@ Data: `--train-file` / `--validation-file` (.csv, .tsv, .json, .jsonl) or a hub 
 text_pair / sentence2; label / labels / score). What was detected, and the class names, are written into the
 run's config, so `eval`, `predict` and the exports use the same columns and classes.
 
-Classes are the distinct labels of the training data (strings or integers), sorted; their names are kept in
+Classes are the distinct labels of the training data (strings or numbers; numbers compare as numbers, so 1, 1.0
+and "1" are one class), sorted; their names are kept in
 metrics, predictions and every export's `id2label`. Metrics: accuracy and macro-F1 (two classes: also the F1 of
 the second class, `f1`); regression: Pearson, Spearman and mean squared error.
 """
@@ -14,6 +15,7 @@ the second class, `f1`); regression: Pearson, Spearman and mean squared error.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,11 @@ class TextTask(UserDataTask):
         self.label_names: list[str] | None = None
 
     @property
+    def group_columns(self) -> tuple[str, ...]:
+        """A held-out share takes a repeated text (or text pair) with all its rows."""
+        return tuple(self.input_columns())
+
+    @property
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.label_names or ())
 
@@ -63,25 +70,27 @@ class TextTask(UserDataTask):
     # -- data ------------------------------------------------------------------------------------------
 
     def settings_from_data(self, raw, source: str) -> dict[str, Any]:
-        """The columns (given or detected) and, for classification, the class names of the training data."""
+        """The columns (given or detected) and, for classification, the class names of the training data. A column
+        named for one role is never detected for another (`--text-column sentence2` is not also the pair)."""
         found = list(raw.column_names)
-        settings = {
-            "text_column": pick_column(found, self.text_column, TEXT_COLUMNS, "text", "--text-column", source),
-            "text_pair_column": pick_column(found, self.text_pair_column, PAIR_COLUMNS, "text pair",
-                                            "--text-pair-column", source, required=False),
-            "label_column": pick_column(found, self.label_column, LABEL_COLUMNS, "label", "--label-column", source),
-        }
+        taken = [self.text_column, self.text_pair_column, self.label_column]
+        text = pick_column(found, self.text_column, TEXT_COLUMNS, "text", "--text-column", source, taken=tuple(taken))
+        taken.append(text)
+        pair = pick_column(found, self.text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column", source,
+                           required=False, taken=tuple(taken))
+        taken.append(pair)
+        label = pick_column(found, self.label_column, LABEL_COLUMNS, "label", "--label-column", source,
+                            taken=tuple(taken))
+        settings = {"text_column": text, "text_pair_column": pair, "label_column": label}
         if not self.regression and self.label_names is None:
-            distinct = {str(v) for v in raw[settings["label_column"]] if v is not None and v != ""}
-            numeric = all(name.lstrip("-").isdigit() for name in distinct)  # integer labels, also as CSV text
-            settings["label_names"] = sorted(distinct, key=int if numeric else str)
-            if len(distinct) < 2:
-                raise UserError(f"{source} has {len(distinct)} distinct label(s) in column {settings['label_column']!r}; "
+            settings["label_names"] = class_names(raw[label])
+            if len(settings["label_names"]) < 2:
+                raise UserError(f"{source} has {len(settings['label_names'])} distinct label(s) in column {label!r}; "
                                 "classification needs at least two classes")
         return settings
 
-    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
-        found = list(raw.column_names)
+    def require_columns(self, found: list[str], source: str, labelled: bool = True) -> None:
+        """One line naming the first of the run's columns that `found` (a file's real columns) lacks."""
         columns = [(self.text_column, "--text-column")]
         if self.text_pair_column:
             columns.append((self.text_pair_column, "--text-pair-column"))
@@ -89,10 +98,13 @@ class TextTask(UserDataTask):
             columns.append((self.label_column, "--label-column"))
         for column, flag in columns:
             pick_column(found, column, (), "", flag, source)
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        self.require_columns(list(raw.column_names), source, labelled)
         for column in self.input_columns():
             for i, value in enumerate(raw[column]):
                 if not isinstance(value, str) or not value.strip():
-                    shown = "empty" if value is None or (isinstance(value, str) and not value.strip()) else repr(value)
+                    shown = "empty" if _empty(value) else repr(value)
                     raise UserError(f"{source} row {i + 1}: {column!r} is {shown}; every row needs a non-empty text "
                                     "(remove or fill that row)")
         if labelled:
@@ -101,6 +113,10 @@ class TextTask(UserDataTask):
     def label_ids(self, raw, source: str = "the data") -> np.ndarray:
         """The gold labels of `raw` as model targets: class ids, or float scores for regression."""
         values = raw[self.label_column]
+        for i, value in enumerate(values):
+            if _empty(value):
+                raise UserError(f"{source} row {i + 1}: the label ({self.label_column!r}) is empty; every row needs a "
+                                "label (fill it in or remove that row)")
         if self.regression:
             targets = []
             for i, value in enumerate(values):
@@ -114,13 +130,13 @@ class TextTask(UserDataTask):
                 if not np.isfinite(targets[-1]):
                     raise UserError(f"{source} row {i + 1}: {self.label_column!r} is {value!r}; give a finite number")
             return np.asarray(targets, dtype=np.float32)
-        index = {name: i for i, name in enumerate(self.label_names)}
+        index = {label_key(name): i for i, name in enumerate(self.label_names)}
         ids = []
         for i, value in enumerate(values):
-            if str(value) not in index:
+            if label_key(value) not in index:
                 raise UserError(f"{source} row {i + 1}: label {value!r} was not seen in the training data (classes: "
                                 f"{', '.join(self.label_names)}); fix the label or add such rows to the training data")
-            ids.append(index[str(value)])
+            ids.append(index[label_key(value)])
         return np.asarray(ids, dtype=np.int64)
 
     # -- features and metrics --------------------------------------------------------------------------
@@ -153,7 +169,8 @@ class TextTask(UserDataTask):
         from adalora_cli.data import row_ids
 
         columns = read_table(path)
-        raw = to_dataset({c: columns[c] for c in self.input_columns() if c in columns})
+        self.require_columns(list(columns), str(path), labelled=False)
+        raw = to_dataset({c: columns[c] for c in self.input_columns()})
         self.check_rows(raw, str(path), labelled=False)
         return raw, row_ids(columns)
 
@@ -162,6 +179,34 @@ class TextTask(UserDataTask):
         if self.regression:
             return [{"value": float(v)} for v in logits.reshape(-1)]
         return classification_records(logits, self.label_names)
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def label_key(value) -> float | str:
+    """What a class label is compared by: a number as a number (1, 1.0 and "1" are one class, whether a file holds
+    them as JSON integers, floats or CSV text), anything else as its text."""
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
+    return str(value)
+
+
+def class_names(values) -> list[str]:
+    """The distinct non-empty labels as class names (each as first written), in numeric order when every label is
+    a number, else in text order."""
+    names: dict[float | str, str] = {}
+    for value in values:
+        if not _empty(value):
+            names.setdefault(label_key(value), str(value))
+    numeric = all(isinstance(key, float) for key in names)
+    return [names[key] for key in sorted(names, key=lambda k: k if numeric else names[k])]
 
 
 def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
