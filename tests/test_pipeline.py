@@ -26,7 +26,7 @@ def test_train_then_eval_reproduces_metrics(tiny_bert_dir, glue_dir, tmp_path, m
     out = tmp_path / method
     metrics = train(tiny_bert_dir, glue_dir, out, method, "--set", "adalora.t_init=1", "--set", "adalora.t_final=2")
     assert set(metrics) == {"task", "method", "model", "budget", "adapter_params", "nonzero_adapter_params", "steps",
-                            "precision", "train_runtime_s", "eval"}
+                            "precision", "train_runtime_s", "eval", "truncated"}
     assert metrics["steps"] == 6 and metrics["precision"] == "fp32"  # auto on a CPU and set(metrics["eval"]) == {"accuracy"}
     for name in (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.HEAD, rundir.RANK_PATTERN, rundir.TRAIN_LOG):
         assert (out / name).is_file(), name
