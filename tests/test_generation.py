@@ -350,3 +350,15 @@ def test_the_checkpoints_generation_config_does_not_change_decoding(generators, 
         features = task.preprocess(rows, tokenizer, 64, training=False)
         texts[folder] = generation_outputs(model, features, tokenizer, task, batch_size=2)["texts"]
     assert texts[shipped] == texts[plain] == ["", ""]
+
+
+def test_max_new_tokens_beyond_the_context_is_refused(gpt2_64, question_generation, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--task", "causal-lm", "--model", gpt2_64, "--budget", "4k", "--train-file",
+                                 str(question_generation["causal-train"]), "--validation-file",
+                                 str(question_generation["causal-dev"]), "--output-dir", str(out),
+                                 "--set", "max_new_tokens=64"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip() == ("adalora: error: max_new_tokens=64 does not fit the 64-position context of this "
+                                     "gpt2 model; use --set max_new_tokens=16 (or another value below 64)")
+    assert not out.exists()

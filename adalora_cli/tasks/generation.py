@@ -249,9 +249,8 @@ class GenerationTask(UserDataTask):
             texts = tokenizer(self._sources(batch))["input_ids"]
             ids = [x[: sequence_limit - 1] + [eos] for x in texts]
             features = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": ids,
-                        TRUNCATED_INPUT: [int(len(x) >= sequence_limit or (not training and len(x) > prompt_limit))
-                                          for x in texts]}
-            if not training:
+                        TRUNCATED_INPUT: [int(len(x) >= sequence_limit) for x in texts]}
+            if not training:  # evaluation scores the loss only; `predict` continues the text
                 features["prompt_ids"] = [keep_ends(x, prompt_limit) for x in texts]
             return features
         prompts = tokenizer([s + self.spec.separator for s in self._sources(batch)])["input_ids"]
