@@ -138,10 +138,11 @@ def features_for(task: Task, raw, tokenizer, max_seq_length: int, training: bool
     """(`task.preprocess` of `raw`, how many rows had their inputs / targets cut to fit); says so once in the log."""
     features, cut = take_truncation(task.preprocess(raw, tokenizer, max_seq_length, training=training))
     if cut["inputs"] or cut["targets"]:
+        context = getattr(task, "context_length", None)  # generation tasks fit the model's context too
+        limits = f"--max-seq-length {max_seq_length}" + (f", the model's {context}-position context" if context else "")
         targets = f", the targets of {cut['targets']:,} (max_target_length)" if cut["targets"] else ""
-        logger.warning("%s: cut the inputs of %s of %s rows (--max-seq-length %d, the model's context)%s; counted "
-                       "in metrics.json \"truncated\"", what, f"{cut['inputs']:,}", f"{len(raw):,}", max_seq_length,
-                       targets)
+        logger.warning("%s: cut the inputs of %s of %s rows (%s)%s; counted in metrics.json \"truncated\"", what,
+                       f"{cut['inputs']:,}", f"{len(raw):,}", limits, targets)
     return features, cut
 
 

@@ -226,7 +226,7 @@ SMALL_CONTEXT = ["--max-seq-length", "512", "--set", "max_target_length=24", "--
 
 @pytest.fixture(scope="module")
 def gpt2_64(generators, tmp_path_factory):
-    """The tiny GPT-2 with a 64-position context: the SQuAD prompts (answer + paragraph) are 60-400 tokens long."""
+    """The tiny GPT-2 with a 64-position context: the SQuAD prompts (answer + paragraph) are 75-234 tokens long."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("gpt2-64")
@@ -250,7 +250,7 @@ def expected_cuts(tokenizer, rows, context, max_target, max_new, training):
 
 
 def test_gpt2_with_a_small_context_trains_evaluates_and_predicts_long_prompts(gpt2_64, question_generation, tmp_path):
-    """Prompts of up to ~400 tokens on a 64-position GPT-2 (an IndexError in the position embedding before): the
+    """Prompts of up to 234 tokens on a 64-position GPT-2 (an IndexError in the position embedding before): the
     training sequences fit the context, generation prompts leave room for max_new_tokens, eval and predict feed
     the same prompt for a row, and the cut rows are counted in metrics.json."""
     from datasets import Dataset

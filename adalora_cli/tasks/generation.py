@@ -145,7 +145,7 @@ class GenerationTask(UserDataTask):
         task = copy.copy(self)
         task.model_kind = kind
         task.context_length = context_length(config)
-        new_tokens = task.generation.get("max_new_tokens", GREEDY["max_new_tokens"])
+        new_tokens = task.decoding()["max_new_tokens"]
         if task.context_length is not None and new_tokens >= task.context_length:
             raise UserError(f"max_new_tokens={new_tokens} does not fit the {task.context_length}-position context of "
                             f"this {config.model_type} model; use --set max_new_tokens={task.context_length // 4} (or "
