@@ -7,6 +7,7 @@ the hub; without a validation set, a seeded share of the training data is held o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -21,7 +22,7 @@ from adalora_cli import devices, files, hub, rundir
 from adalora_cli.config import RunConfig
 from adalora_cli.data import held_out_split
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import Task, get_task
+from adalora_cli.tasks import Task, get_task, take_truncation
 
 logger = logging.getLogger("adalora_cli")
 
@@ -63,6 +64,7 @@ class EvalSet:
     suffix: str  # appended to its metric names (MNLI mismatched: `_mm`)
     raw: Any
     features: Any = None
+    truncated: dict[str, int] | None = None  # rows whose inputs / targets were cut, once the features are built
 
 
 def require_hub(cfg: RunConfig, data: bool = True) -> None:
@@ -161,6 +163,18 @@ def max_length(cfg: RunConfig, task: Task, tokenizer) -> int:
     return min(wanted, limit) if isinstance(limit, int) and limit > 0 else wanted
 
 
+def features_for(task: Task, raw, tokenizer, max_seq_length: int, training: bool, what: str):
+    """(`task.preprocess` of `raw`, how many rows had their inputs / targets cut to fit); says so once in the log."""
+    features, cut = take_truncation(task.preprocess(raw, tokenizer, max_seq_length, training=training))
+    if cut["inputs"] or cut["targets"]:
+        context = getattr(task, "context_length", None)  # generation tasks fit the model's context too
+        limits = f"--max-seq-length {max_seq_length}" + (f", the model's {context}-position context" if context else "")
+        targets = f", the targets of {cut['targets']:,} (max_target_length)" if cut["targets"] else ""
+        logger.warning("%s: cut the inputs of %s of %s rows (%s)%s; counted in metrics.json \"truncated\"", what,
+                       f"{cut['inputs']:,}", f"{len(raw):,}", limits, targets)
+    return features, cut
+
+
 def model_outputs(model, features, tokenizer, batch_size: int, precision: str = "fp32", progress: str | None = None):
     """The model's outputs (all but the loss) over `features`, in order, as float32 numpy arrays, computed under
     the autocast of `precision` (resolved); with `progress`, a progress bar of that title on stderr."""
@@ -200,7 +214,7 @@ def generation_outputs(model, features, tokenizer, task: Task, batch_size: int, 
 
     device = next(model.parameters()).device
     causal = task.model_kind == "causal-lm"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad(), devices.autocast(precision, device):
@@ -214,13 +228,43 @@ def generation_outputs(model, features, tokenizer, task: Task, batch_size: int, 
             inputs = task.generation_inputs(features)
             distinct = list(dict.fromkeys(tuple(ids) for ids in inputs))
             written = {}
+            settings = decoding(model, tokenizer, task)
             starts = range(0, len(distinct), batch_size)
             for start in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr, unit="batch"):
                 chunk = distinct[start:start + batch_size]
-                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, task.generation, pad, causal, device)):
+                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, settings, causal, device)):
                     written[ids] = text
             texts = [written[tuple(ids)] for ids in inputs]
     return {"loss_sum": loss_sum, "tokens": tokens, "texts": texts}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def decoding(model, tokenizer, task: Task) -> dict[str, Any]:
+    """The whole of what `generate` runs with: the task's settings (`task.decoding()`), the tokenizer's end-of-text
+    token (the one training appends) and padding, an encoder-decoder model's decoder start. Nothing comes from the
+    checkpoint's generation_config.json (min_length, max_length, forced tokens, sampling), so train-time evaluation,
+    `adalora eval` and `adalora predict` decode alike on any checkpoint; metrics.json and eval.json record it."""
+    settings = {**task.decoding(), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": _pad_id(tokenizer)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = getattr(model.config, "decoder_start_token_id", None)
+        settings["decoder_start_token_id"] = start if start is not None else \
+            model.generation_config.decoder_start_token_id
+    return settings
+
+
+@contextlib.contextmanager
+def _only_these_settings(model, config):
+    """`generate` fills every setting its `generation_config` leaves unset from `model.generation_config` (the
+    checkpoint's file) before the library's defaults; with `config` standing in for it, only the library's remain."""
+    shipped = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
 
 
 def _padded(sequences: list[list[int]], value: int, left: bool, device) -> torch.Tensor:
@@ -247,13 +291,16 @@ def _token_loss(model, rows: dict, pad: int, causal: bool, device) -> tuple[floa
     return float(loss), int((labels != -100).sum())
 
 
-def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, pad: int, causal: bool,
-              device) -> list[str]:
-    """`generate` on a batch of inputs (left-padded for a decoder-only model), decoded without the prompt."""
-    input_ids = _padded(inputs, pad, causal, device)
+def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, causal: bool, device) -> list[str]:
+    """`generate` with `settings` (`decoding`) on a batch of inputs (left-padded for a decoder-only model), decoded
+    without the prompt."""
+    from transformers import GenerationConfig
+
+    input_ids = _padded(inputs, settings["pad_token_id"], causal, device)
     attention = _padded([[1] * len(ids) for ids in inputs], 0, causal, device)
-    generated = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False, pad_token_id=pad,
-                               eos_token_id=tokenizer.eos_token_id, **settings)
+    config = GenerationConfig(**settings)
+    with _only_these_settings(model, config):
+        generated = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
     if causal:
         generated = generated[:, input_ids.shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
@@ -273,8 +320,9 @@ def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig)
     precision = devices.resolve_precision(cfg.precision)
     for eval_set in evals:
         if eval_set.features is None:
-            eval_set.features = task.preprocess(eval_set.raw, tokenizer, max_length(cfg, task, tokenizer),
-                                                training=False)
+            eval_set.features, eval_set.truncated = features_for(task, eval_set.raw, tokenizer,
+                                                                 max_length(cfg, task, tokenizer), False,
+                                                                 f"evaluation set {eval_set.name}")
         outputs = task_outputs(model, eval_set.features, tokenizer, task, cfg.eval_batch_size, precision,
                                generate=not getattr(task, "plain_lm", False))
         for name, value in task.compute_metrics(outputs, eval_set.raw, eval_set.features).items():
@@ -343,6 +391,8 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
         return by_rank
     metrics = evaluate(model, tokenizer, task, evals, cfg)
     record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
+    if task.generates:
+        record["decoding"] = decoding(model, tokenizer, task)
     if input_path is None:
         files.write_json(Path(run) / "eval.json", record)
     else:

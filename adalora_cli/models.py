@@ -38,6 +38,16 @@ def language_model_kind(config) -> str | None:
     return "causal-lm" if causal and not masked else None
 
 
+def context_length(config) -> int | None:
+    """How many positions the model can read (GPT-2's `n_positions`, `max_position_embeddings` elsewhere), or None
+    for a model with relative positions only (T5), which has no such limit."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def resolve_model(name: str) -> str:
     """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():

@@ -17,7 +17,8 @@ from adalora_cli import checkpoints, devices, distributed, files, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
-from adalora_cli.evaluation import EvalSet, evaluate, max_length, quiet_datasets, read_data, require_hub
+from adalora_cli.evaluation import (EvalSet, decoding, evaluate, features_for, max_length, quiet_datasets, read_data,
+                                    require_hub)
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task
@@ -119,7 +120,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
     built = _build_model(cfg, task, method, method_cfg)
     task = built.task
-    train_features = task.preprocess(train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer), training=True)
+    train_features, train_cut = features_for(task, train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer),
+                                             True, "training data")
 
     _lock_on_main(lock, main, args.device)
     try:
@@ -135,7 +137,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         runtime = _train(trainer, resume_from, out, method)
         if not main:
             return None
-        return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None)
+        return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
+                           train_cut)
     finally:
         lock.release()
 
@@ -271,8 +274,9 @@ def _interrupted_message(trainer, out: Path) -> str:
 
 
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
-                precision: str, resumed: bool) -> dict[str, Any]:
-    """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures."""
+                precision: str, resumed: bool, train_cut: dict[str, int]) -> dict[str, Any]:
+    """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
+    `train_cut` counts the training rows whose inputs / targets were cut to fit (`evaluation.features_for`)."""
     out = Path(cfg.output_dir)
     model, layers, allocation = built.model, built.layers, trainer.allocation
     rank_pattern = rundir.write_adapter(out, method, model, layers, built.head, cfg, built.targets)
@@ -304,6 +308,9 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
     if cfg.keep_best:
         metrics["best"] = _best(cfg, task, trainer)
     metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg)
+    metrics["truncated"] = {"train": train_cut, **{e.name: e.truncated for e in evals}}
+    if task.generates:
+        metrics["decoding"] = decoding(model, built.tokenizer, task)
     files.write_json(out / rundir.METRICS, metrics)
     _draw(out, allocation is not None, cfg.report_to, trainer)
     logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",

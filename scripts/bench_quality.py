@@ -63,7 +63,7 @@ def run_peft_adalora(job: dict, args) -> dict:
     from adalora_cli.inject import find_targets
     from adalora_cli.methods import get_method
     from adalora_cli.methods.adalora import AdaLoraConfig, resolve_schedule
-    from adalora_cli.evaluation import evaluate, max_length, read_data
+    from adalora_cli.evaluation import evaluate, features_for, max_length, read_data
     from adalora_cli.pipeline import training_arguments
     from adalora_cli.tasks import get_task
 
@@ -88,7 +88,7 @@ def run_peft_adalora(job: dict, args) -> dict:
         lora_alpha=int(ours_cfg.alpha), total_step=args.steps)
     tokenizer = models.load_tokenizer(cfg.model)
     task, train_raw, evals = read_data(cfg)
-    features = task.preprocess(train_raw, tokenizer, max_length(cfg, task, tokenizer), training=True)
+    features, _ = features_for(task, train_raw, tokenizer, max_length(cfg, task, tokenizer), True, "training data")
     set_seed(cfg.seed)
     model, _ = models.load_model(cfg.model, hf_config, task.model_kind)
     model = peft.get_peft_model(model, peft_config)

@@ -217,3 +217,178 @@ def test_bf16_autocast_on_a_generation_run(generators, question_generation, tmp_
                "--output-dir", out, *SHORT, "--max-steps", "3", "--precision", "bf16")
     metrics = json.loads((out / rundir.METRICS).read_text())
     assert metrics["precision"] == "bf16" and metrics["eval"]["loss"] > 0
+
+
+# -- long rows, truncation and decoding ----------------------------------------------------------------------
+
+SMALL_CONTEXT = ["--max-seq-length", "512", "--set", "max_target_length=24", "--set", "max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_64(generators, tmp_path_factory):
+    """The tiny GPT-2 with a 64-position context: the SQuAD prompts (answer + paragraph) are 75-234 tokens long."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("gpt2-64")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(generators["gpt2"], n_positions=64)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(generators["gpt2"]).save_pretrained(out)
+    return str(out)
+
+
+def expected_cuts(tokenizer, rows, context, max_target, max_new, training):
+    """(inputs, targets) a causal-lm task must cut, from the token counts of the whole rows: a completion (with its
+    EOS) over max_target_length; a prompt + completion over the context; for evaluation also a generation prompt
+    that leaves fewer than max_new_tokens positions."""
+    inputs = targets = 0
+    for row in rows:
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        completion = len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) + 1
+        targets += completion > max_target
+        inputs += prompt + min(completion, max_target) > context or (not training and prompt > context - max_new)
+    return {"inputs": inputs, "targets": targets}
+
+
+def test_gpt2_with_a_small_context_trains_evaluates_and_predicts_long_prompts(gpt2_64, question_generation, tmp_path):
+    """Prompts of up to 234 tokens on a 64-position GPT-2 (an IndexError in the position embedding before): the
+    training sequences fit the context, generation prompts leave room for max_new_tokens, eval and predict feed
+    the same prompt for a row, and the cut rows are counted in metrics.json."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from adalora_cli.evaluation import max_length
+
+    run = tmp_path / "run"
+    train_tiny("lora", "--task", "causal-lm", "--model", gpt2_64, "--train-file", question_generation["causal-train"],
+               "--validation-file", question_generation["causal-dev"], "--output-dir", run, "--max-steps", "2",
+               "--batch-size", "8", "--eval-every", "2", *SMALL_CONTEXT)
+    metrics = json.loads((run / rundir.METRICS).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_64)
+    train_rows, dev_rows = ([json.loads(line) for line in question_generation[f"causal-{s}"].read_text().splitlines()]
+                            for s in ("train", "dev"))
+    assert metrics["truncated"] == {"train": expected_cuts(tokenizer, train_rows, 64, 24, 8, True),
+                                    "validation": expected_cuts(tokenizer, dev_rows, 64, 24, 8, False)}
+    assert metrics["truncated"]["train"]["inputs"] > 100 and metrics["truncated"]["validation"]["inputs"] == 16
+    assert metrics["decoding"] == {"do_sample": False, "num_beams": 1, "max_new_tokens": 8, "min_new_tokens": 0,
+                                   "no_repeat_ngram_size": 0, "eos_token_id": tokenizer.eos_token_id,
+                                   "pad_token_id": tokenizer.eos_token_id}
+    assert runner.invoke(app, ["eval", str(run)]).exit_code == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["eval"] == pytest.approx(metrics["eval"], rel=1e-5, abs=1e-5)
+    assert evaluated["decoding"] == metrics["decoding"]
+    predicted = runner.invoke(app, ["predict", str(run), "--input", str(question_generation["causal-dev"])])
+    assert predicted.exit_code == 0, predicted.stderr
+    assert len(predicted.stdout.splitlines()) == 16
+
+    loaded = rundir.load_run(run)
+    task, limit = loaded.task, max_length(loaded.cfg, loaded.task, loaded.tokenizer)
+    labelled = Dataset.from_list(dev_rows)
+    evaluated_prompts = task.generation_inputs(task.preprocess(labelled, loaded.tokenizer, limit, training=False))
+    predicted_prompts = task.generation_inputs(task.preprocess(labelled.remove_columns("completion"),
+                                                               loaded.tokenizer, limit, training=False))
+    assert evaluated_prompts == predicted_prompts  # the same prompt whatever the reference's length
+    for row, prompt in zip(dev_rows, evaluated_prompts):
+        whole = tokenizer(row["prompt"])["input_ids"]
+        assert len(prompt) == min(len(whole), 64 - 8)
+        assert prompt[:28] == whole[:28] and prompt[-28:] == whole[-28:]  # the middle gives way
+    trained = task.preprocess(Dataset.from_list(train_rows), loaded.tokenizer, limit, training=True)
+    assert max(len(ids) for ids in trained["input_ids"]) == 64
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5", "gpt2"])
+def test_a_target_cut_short_keeps_its_eos(generators, arch):
+    """Completions and targets longer than max_target_length (Cyrillic, CJK) end with the end-of-text token, which
+    generation stops on; the cut rows are counted."""
+    from datasets import Dataset
+
+    from adalora_cli.models import for_task
+    from adalora_cli.tasks import get_task, take_truncation
+
+    causal = arch == "gpt2"
+    columns = ("prompt", "completion") if causal else ("source", "target")
+    settings = dict(zip(("prompt_column", "completion_column") if causal else ("source_column", "target_column"),
+                        columns))
+    task = get_task("causal-lm" if causal else "seq2seq").with_settings(**settings, max_target_length=6)
+    task, _, tokenizer = for_task(generators[arch], task)
+    rows = Dataset.from_dict({columns[0]: ["Где родился физик?", "物理学家出生在哪里", "When?"],
+                              columns[1]: ["Он родился в 1879 году в деревне под Ульмом", "他出生于1879年的乌尔姆附近的一个村庄",
+                                           "1879"]})
+    features, cut = take_truncation(task.preprocess(rows, tokenizer, 96, training=True))
+    targets = [[t for t in labels if t != -100] for labels in features["labels"]]
+    assert [len(t) for t in targets[:2]] == [6, 6] and all(t[-1] == tokenizer.eos_token_id for t in targets)
+    assert cut == {"inputs": 0, "targets": 2}
+
+
+def test_the_checkpoints_generation_config_does_not_change_decoding(generators, tmp_path):
+    """A BART that ends every answer at once, saved with generation_config.json's min_length=30 and max_length=65
+    (as summarisation checkpoints ship): greedy decoding with the task's settings still writes the empty answer,
+    as the same model without those defaults does."""
+    from datasets import Dataset
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from adalora_cli.evaluation import generation_outputs
+    from adalora_cli.models import for_task, load_model
+    from adalora_cli.tasks import get_task
+
+    plain, shipped = tmp_path / "plain", tmp_path / "shipped"
+    model = AutoModelForSeq2SeqLM.from_pretrained(generators["bart"])
+    tokenizer = AutoTokenizer.from_pretrained(generators["bart"])
+    with torch.no_grad():
+        model.final_logits_bias[0, tokenizer.eos_token_id] = 100.0  # end-of-text is always the likeliest token
+    for folder, defaults in ((plain, {}), (shipped, {"min_length": 30, "max_length": 65, "no_repeat_ngram_size": 3})):
+        for key, value in defaults.items():
+            setattr(model.generation_config, key, value)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    assert json.loads((shipped / "generation_config.json").read_text())["min_length"] == 30
+    rows = Dataset.from_dict({"source": ["answer: Denver context: The Broncos won", "answer: 1879 context: born"]})
+    texts = {}
+    for folder in (plain, shipped):
+        task = get_task("seq2seq").with_settings(source_column="source", target_column="target", max_new_tokens=40)
+        task, config, tokenizer = for_task(str(folder), task)
+        model, _ = load_model(str(folder), config, task.model_kind)
+        features = task.preprocess(rows, tokenizer, 64, training=False)
+        texts[folder] = generation_outputs(model, features, tokenizer, task, batch_size=2)["texts"]
+    assert texts[shipped] == texts[plain] == ["", ""]
+
+
+def test_max_new_tokens_beyond_the_context_is_refused(gpt2_64, question_generation, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--task", "causal-lm", "--model", gpt2_64, "--budget", "4k", "--train-file",
+                                 str(question_generation["causal-train"]), "--validation-file",
+                                 str(question_generation["causal-dev"]), "--output-dir", str(out),
+                                 "--set", "max_new_tokens=64"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip() == ("adalora: error: max_new_tokens=64 does not fit the 64-position context of this "
+                                     "gpt2 model; use --set max_new_tokens=16 (or another value below 64)")
+    assert not out.exists()
+
+
+def test_a_named_source_column_is_never_detected_as_the_target():
+    """`--source-column summary` on a file with `document` and `summary`: the target is not `summary` again (it was:
+    each summary was trained to copy itself); with no other target column the run says which option to give."""
+    from adalora_cli.data import to_dataset
+    from adalora_cli.errors import UserError
+    from adalora_cli.tasks import get_task
+
+    rows = to_dataset({"summary": ["a b"], "document": ["c d"]})
+    task = get_task("seq2seq").with_settings(source_column="summary")
+    with pytest.raises(UserError, match="no target column .*pick one with --target-column"):
+        task.settings_from_data(rows, "f.jsonl")
+    rows = to_dataset({"summary": ["a b"], "document": ["c d"], "output": ["e"]})
+    assert task.settings_from_data(rows, "f.jsonl") == {"source_column": "summary", "target_column": "output"}
+    causal = get_task("causal-lm").with_settings(prompt_column="completion")
+    with pytest.raises(UserError, match="no completion column"):
+        causal.settings_from_data(to_dataset({"completion": ["x"], "prompt": ["y"]}), "f.jsonl")
+
+
+def test_predict_on_a_file_without_the_source_column_lists_its_columns(tmp_path):
+    from adalora_cli.errors import UserError
+    from adalora_cli.tasks import get_task
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"article": "x", "notes": "y"}\n')
+    task = get_task("seq2seq").with_settings(source_column="document", target_column="summary")
+    with pytest.raises(UserError, match=r"has no column 'document' \(columns: article, notes\); pick one with "
+                                        "--source-column"):
+        task.prediction_inputs(path)

@@ -21,12 +21,26 @@ def train(tiny_bert_dir, glue_dir, out, method, *extra):
     return json.loads((out / rundir.METRICS).read_text())
 
 
+def sst2_cut(tokenizer_dir, glue_dir, file: str, rows: int) -> dict[str, int]:
+    """How many of the first `rows` SST-2 sentences --max-seq-length 32 cuts, from their whole tokenization."""
+    from transformers import AutoTokenizer
+
+    from adalora_cli.tasks.glue import read_tsv
+    from adalora_cli.tasks import get_task
+
+    sentences = read_tsv(glue_dir / "SST-2" / file, get_task("sst2").spec)["sentence"][:rows]
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(tokenizer_dir)(sentences)["input_ids"]]
+    return {"inputs": sum(n > 32 for n in lengths), "targets": 0}
+
+
 @pytest.mark.parametrize("method", available_methods())
 def test_train_then_eval_reproduces_metrics(tiny_bert_dir, glue_dir, tmp_path, method):
     out = tmp_path / method
     metrics = train(tiny_bert_dir, glue_dir, out, method, "--set", "adalora.t_init=1", "--set", "adalora.t_final=2")
     assert set(metrics) == {"task", "method", "model", "budget", "adapter_params", "nonzero_adapter_params", "steps",
-                            "precision", "train_runtime_s", "eval"}
+                            "precision", "train_runtime_s", "eval", "truncated"}
+    assert metrics["truncated"] == {"train": sst2_cut(tiny_bert_dir, glue_dir, "train.tsv", 64),
+                                    "validation": sst2_cut(tiny_bert_dir, glue_dir, "dev.tsv", 48)}
     assert metrics["steps"] == 6 and metrics["precision"] == "fp32"  # auto on a CPU and set(metrics["eval"]) == {"accuracy"}
     for name in (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.HEAD, rundir.RANK_PATTERN, rundir.TRAIN_LOG):
         assert (out / name).is_file(), name

@@ -113,7 +113,8 @@ class Task:
 
     def preprocess(self, raw, tokenizer, max_seq_length: int, training: bool):
         """Model features as a `datasets.Dataset`: inputs and labels for training, inputs plus whatever
-        `compute_metrics` needs for evaluation (extra columns are not fed to the model)."""
+        `compute_metrics` needs for evaluation (extra columns are not fed to the model). A task that cuts rows to
+        fit adds the 0/1 columns `TRUNCATED_INPUT` / `TRUNCATED_TARGET`, which `take_truncation` counts and removes."""
         raise NotImplementedError
 
     def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
@@ -175,6 +176,32 @@ class UserDataTask(Task):
         if path is not None:
             return to_dataset(read_table(path))
         return load_hub_dataset(self.hub_name, self.hub_config, self._hub_split(split))
+
+
+# Feature columns, 1 for a row whose inputs (source, prompt, text, text pair) / target (completion) were cut to fit.
+TRUNCATED_INPUT, TRUNCATED_TARGET = "truncated_input", "truncated_target"
+
+
+def take_truncation(features) -> tuple[Any, dict[str, int]]:
+    """(`features` without the truncation columns, {"inputs": rows whose inputs were cut, "targets": ...})."""
+    columns = {"inputs": TRUNCATED_INPUT, "targets": TRUNCATED_TARGET}
+    present = [column for column in columns.values() if column in features.column_names]
+    counts = {kind: int(sum(features[column])) if column in present else 0 for kind, column in columns.items()}
+    return (features.remove_columns(present) if present else features), counts
+
+
+def encode_counting_cuts(encode, max_length: int, *texts: list[str]) -> tuple[Any, list[int]]:
+    """(`encode(*texts, truncation=True, max_length=max_length)`, per row 1 where that cut the row). Only the rows
+    that came out exactly `max_length` long are encoded again, whole, to tell a cut row from one that just fits."""
+    features = encode(*texts, truncation=True, max_length=max_length)
+    ids = features["input_ids"]
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    cut = [0] * len(ids)
+    if full:
+        whole = encode(*([column[i] for i in full] for column in texts), verbose=False)["input_ids"]
+        for i, row in zip(full, whole):
+            cut[i] = int(len(row) > max_length)
+    return features, cut
 
 
 _TASKS: dict[str, Task] = {}

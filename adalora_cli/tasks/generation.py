@@ -24,12 +24,16 @@ from typing import Any
 
 from adalora_cli.data import pick_column, read_table, row_ids, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
+from adalora_cli.tasks import (TRUNCATED_INPUT, TRUNCATED_TARGET, EvalSplit, UserDataTask, encode_counting_cuts,
+                               register_task)
 from adalora_cli.tasks.text_metrics import ROUGE, bleu, chrf, rouge
 
 KINDS = ("seq2seq-lm", "causal-lm")
 GENERATION_SETTINGS = ("num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 COLUMN_SETTINGS = ("source_column", "target_column", "prompt_column", "completion_column", "text_column")
+# What `generate` uses unless the task or `--set` says otherwise: greedy decoding; with beams, also these.
+GREEDY = {"do_sample": False, "num_beams": 1, "max_new_tokens": 64, "min_new_tokens": 0, "no_repeat_ngram_size": 0}
+BEAM_SEARCH = {"length_penalty": 1.0, "early_stopping": True}  # early: stop once num_beams answers are complete
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class GenerationTask(UserDataTask):
         self.dataset_eval_split = spec.eval_split
         self.max_target_length = spec.max_target_length
         self.generation = dict(spec.generation)
+        self.context_length: int | None = None  # positions the model reads, from its config (`for_model`)
 
     # -- settings --------------------------------------------------------------------------------------
 
@@ -108,6 +113,14 @@ class GenerationTask(UserDataTask):
         task.target_column = task.completion_column or task.target_column
         return task
 
+    def decoding(self) -> dict[str, Any]:
+        """Every decoding setting `generate` runs with (no sampling; the beam-search ones only with beams), so that
+        nothing is left for the checkpoint's generation_config.json to fill in."""
+        settings = {**GREEDY, **self.generation}
+        if settings["num_beams"] > 1:
+            return {**BEAM_SEARCH, **settings}
+        return {key: value for key, value in settings.items() if key not in BEAM_SEARCH}
+
     @property
     def plain_lm(self) -> bool:
         """`--task causal-lm` with only a text column: language modelling, no target to generate."""
@@ -123,7 +136,7 @@ class GenerationTask(UserDataTask):
         return (self.text_column if self.plain_lm else self.source_column,)
 
     def for_model(self, config) -> "GenerationTask":
-        from adalora_cli.models import language_model_kind
+        from adalora_cli.models import context_length, language_model_kind
 
         kind = language_model_kind(config)
         if kind is None:
@@ -136,6 +149,12 @@ class GenerationTask(UserDataTask):
                             f"is a {kind} model; use {hint}")
         task = copy.copy(self)
         task.model_kind = kind
+        task.context_length = context_length(config)
+        new_tokens = task.decoding()["max_new_tokens"]
+        if task.context_length is not None and new_tokens >= task.context_length:
+            raise UserError(f"max_new_tokens={new_tokens} does not fit the {task.context_length}-position context of "
+                            f"this {config.model_type} model; use --set max_new_tokens={task.context_length // 4} (or "
+                            f"another value below {task.context_length})")
         return task
 
     def config_overrides(self) -> dict[str, Any]:
@@ -152,20 +171,25 @@ class GenerationTask(UserDataTask):
         return self.dataset_config if self.dataset else self.spec.hub_config
 
     def settings_from_data(self, raw, source: str) -> dict[str, Any]:
+        """The source (prompt) and target (completion) columns; a column named for one role is never detected for
+        the other (`--source-column summary` leaves `summary` out of the target candidates)."""
         found = list(raw.column_names)
+        named = (self.source_column, self.target_column, self.text_column)
         if self.name == "causal-lm":
             prompt = pick_column(found, self.source_column, self.spec.sources, "prompt", "--prompt-column", source,
-                                 required=False)
+                                 required=False, taken=named)
             if prompt is None:  # plain language modelling on a text column
                 return {"text_column": pick_column(found, self.text_column, ("text",), "prompt or text",
                                                    "--prompt-column (with --completion-column) or --text-column",
-                                                   source)}
+                                                   source, taken=named)}
             return {"prompt_column": prompt, "completion_column": pick_column(
-                found, self.target_column, self.spec.targets, "completion", "--completion-column", source)}
-        return {"source_column": pick_column(found, self.source_column, self.spec.sources, "source",
-                                             "--source-column", source),
+                found, self.target_column, self.spec.targets, "completion", "--completion-column", source,
+                taken=named + (prompt,))}
+        source_column = pick_column(found, self.source_column, self.spec.sources, "source", "--source-column", source,
+                                    taken=named)
+        return {"source_column": source_column,
                 "target_column": pick_column(found, self.target_column, self.spec.targets, "target",
-                                             "--target-column", source)}
+                                             "--target-column", source, taken=named + (source_column,))}
 
     def _text_columns(self, labelled: bool) -> list[tuple[str, str]]:
         if self.plain_lm:
@@ -199,37 +223,66 @@ class GenerationTask(UserDataTask):
     def _sources(self, batch) -> list[str]:
         return list(batch[self.text_column if self.plain_lm else self.source_column])
 
+    def _within_context(self, length: int) -> int:
+        return length if self.context_length is None else min(length, self.context_length)
+
+    def _prompt_limit(self, max_seq_length: int) -> int:
+        """The longest prompt a decoder-only model generates from: --max-seq-length, leaving max_new_tokens of the
+        model's context free (`for_model` has checked that they fit)."""
+        if self.context_length is None:
+            return max_seq_length
+        return min(max_seq_length, self.context_length - self.decoding()["max_new_tokens"])
+
     def _seq2seq_features(self, batch, tokenizer, max_seq_length, labelled, training):
-        features = tokenizer(self._sources(batch), truncation=True, max_length=max_seq_length)
+        """The source, its end cut to --max-seq-length (and the model's context); the target cut to
+        max_target_length, the tokenizer keeping its end-of-text token."""
+        features, cut = encode_counting_cuts(tokenizer, self._within_context(max_seq_length), self._sources(batch))
+        features[TRUNCATED_INPUT] = cut
         if labelled:
-            features["labels"] = tokenizer(text_target=list(batch[self.target_column]), truncation=True,
-                                           max_length=self.max_target_length)["input_ids"]
+            def encode_target(texts, **options):
+                return tokenizer(text_target=texts, **options)
+
+            targets, cut = encode_counting_cuts(encode_target, self._within_context(self.max_target_length),
+                                                list(batch[self.target_column]))
+            features["labels"], features[TRUNCATED_TARGET] = targets["input_ids"], cut
         return features
 
     def _causal_features(self, batch, tokenizer, max_seq_length, labelled, training):
-        """prompt (+ completion + EOS): labels -100 over the prompt; the prompt's start gives way when too long.
-        Evaluation features also keep the prompt alone (`prompt_ids`), which generation starts from."""
+        """prompt + completion + EOS within --max-seq-length and the model's context, labels -100 over the prompt;
+        a completion over max_target_length is cut and keeps its EOS, and a prompt too long loses its middle
+        (`keep_ends`). Evaluation features also hold the prompt `generate` starts from (`prompt_ids`): cut to leave
+        max_new_tokens positions free, and the same for a row whether it has a completion (eval) or not (predict).
+        Plain language modelling trains on the text's beginning; `predict` continues the text."""
         eos = tokenizer.eos_token_id
+        sequence_limit, prompt_limit = self._within_context(max_seq_length), self._prompt_limit(max_seq_length)
         if self.plain_lm:
-            texts = [x[: max_seq_length - 1] for x in tokenizer(self._sources(batch))["input_ids"]]
-            ids = [x + [eos] for x in texts]
-            features = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": ids}
-            if not training:
-                features["prompt_ids"] = texts  # `predict` continues the whole text
+            texts = tokenizer(self._sources(batch))["input_ids"]
+            ids = [x[: sequence_limit - 1] + [eos] for x in texts]
+            features = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": ids,
+                        TRUNCATED_INPUT: [int(len(x) >= sequence_limit) for x in texts]}
+            if not training:  # evaluation scores the loss only; `predict` continues the text
+                features["prompt_ids"] = [keep_ends(x, prompt_limit) for x in texts]
             return features
         prompts = tokenizer([s + self.spec.separator for s in self._sources(batch)])["input_ids"]
-        completions = (tokenizer(list(batch[self.target_column]), add_special_tokens=False)["input_ids"]
-                       if labelled else [[] for _ in prompts])
-        features = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": []}
-        for prompt, completion in zip(prompts, completions):
-            completion = (completion + [eos])[: self.max_target_length] if labelled else []
-            prompt = prompt[-max(1, max_seq_length - len(completion)):]
-            features["input_ids"].append(prompt + completion)
-            features["attention_mask"].append([1] * (len(prompt) + len(completion)))
-            features["labels"].append([-100] * len(prompt) + completion)
-            features["prompt_ids"].append(prompt)
-        if not labelled:
-            del features["labels"]
+        target_limit = min(self.max_target_length, sequence_limit - 1)  # one prompt token at least
+        features = {"input_ids": [], "attention_mask": [], "prompt_ids": [], TRUNCATED_INPUT: []}
+        if labelled:
+            completions = tokenizer(list(batch[self.target_column]), add_special_tokens=False)["input_ids"]
+            features.update(labels=[], **{TRUNCATED_TARGET: [int(len(c) + 1 > target_limit) for c in completions]})
+        for i, prompt in enumerate(prompts):
+            generation_prompt = keep_ends(prompt, prompt_limit)
+            cut = not training and len(generation_prompt) < len(prompt)
+            if labelled:
+                completion = completions[i][: target_limit - 1] + [eos]
+                sequence_prompt = keep_ends(prompt, sequence_limit - len(completion))
+                cut = cut or len(sequence_prompt) < len(prompt)
+                features["input_ids"].append(sequence_prompt + completion)
+                features["labels"].append([-100] * len(sequence_prompt) + completion)
+            else:
+                features["input_ids"].append(generation_prompt)
+            features["attention_mask"].append([1] * len(features["input_ids"][-1]))
+            features["prompt_ids"].append(generation_prompt)
+            features[TRUNCATED_INPUT].append(int(cut))
         if training:
             del features["prompt_ids"]
         return features
@@ -272,13 +325,22 @@ class GenerationTask(UserDataTask):
 
     def prediction_inputs(self, path: Path):
         columns = read_table(path)
+        self.check_rows(to_dataset(columns), str(path), labelled=False)  # a missing column: the file's real ones
         wanted = [self.text_column] if self.plain_lm else [self.source_column]
-        raw = to_dataset({c: columns[c] for c in wanted if c in columns})
-        self.check_rows(raw, str(path), labelled=False)
+        raw = to_dataset({c: columns[c] for c in wanted})
         return raw, row_ids(columns)
 
     def prediction_records(self, predictions, raw, features):
         return [{"text": text} for text in predictions["texts"]]
+
+
+def keep_ends(ids: list[int], limit: int) -> list[int]:
+    """`ids` within `limit` tokens, the middle given up: the first half of the room keeps the beginning (an
+    instruction, an article's lead), the rest the end (the latest text, and the separator the completion follows)."""
+    if len(ids) <= limit:
+        return ids
+    head = limit // 2
+    return ids[:head] + ids[len(ids) - (limit - head):]
 
 
 for _spec in SPECS:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, Task, register_task
+from adalora_cli.tasks import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts, register_task
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -173,7 +173,8 @@ class GlueTask(Task):
 
         def tokenize(batch):
             texts = (batch[first],) if second is None else (batch[first], batch[second])
-            features = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+            features, cut = encode_counting_cuts(tokenizer, max_seq_length, *texts)
+            features[TRUNCATED_INPUT] = cut
             if "label" in batch:  # absent from rows to predict
                 features["labels"] = np.asarray(batch["label"], dtype=label_dtype)
             return features

@@ -23,7 +23,7 @@ import numpy as np
 
 from adalora_cli.data import pick_column, read_table, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
+from adalora_cli.tasks import EvalSplit, UserDataTask, TRUNCATED_INPUT, encode_counting_cuts, register_task
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1")
 PAIR_COLUMNS = ("text_pair", "sentence2")
@@ -150,7 +150,8 @@ class TextTask(UserDataTask):
 
         def tokenize(batch, indices):
             texts = [batch[column] for column in self.input_columns()]
-            features = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+            features, cut = encode_counting_cuts(tokenizer, max_seq_length, *texts)
+            features[TRUNCATED_INPUT] = cut
             if targets is not None:
                 features["labels"] = targets[indices]
             return features
