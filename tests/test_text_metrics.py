@@ -195,7 +195,8 @@ def test_the_choices_are_logged(monkeypatch):
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     monkeypatch.setattr(tm, "_noted", set())
-    monkeypatch.setattr(tm.logger, "level", logging.INFO)
+    level = tm.logger.level
+    tm.logger.setLevel(logging.INFO)
     tm.logger.addHandler(handler)
     try:
         tm.bleu(CHINESE, [[t] for t in CHINESE])
@@ -203,6 +204,7 @@ def test_the_choices_are_logged(monkeypatch):
         tm.bleu(CHINESE, [[t] for t in CHINESE])
     finally:
         tm.logger.removeHandler(handler)
+        tm.logger.setLevel(level)
     assert records == ["BLEU: sacrebleu tokenize=zh", "ROUGE: Unicode words, CJK and Thai-family characters "
                        "one by one, no stemming (references not English)"]
 
