@@ -71,7 +71,7 @@ def require_hub(cfg: RunConfig, data: bool = True) -> None:
         if data else None
     if dataset is not None:
         needs.append(hub.HubNeed("dataset", *dataset))
-    hub.require(needs)
+    hub.require(needs, task.model_advice)
 
 
 def _train_file_only(cfg: RunConfig) -> bool:

@@ -38,11 +38,17 @@ def language_model_kind(config) -> str | None:
     return "causal-lm" if causal and not masked else None
 
 
-def resolve_model(name: str) -> str:
+def other_models(advice: str | None = None) -> str:
+    """What to give --model instead, for a task that `advice` (`Task.model_advice`) says needs particular models."""
+    if advice:
+        return f"give a local folder or (online) a hub id of {advice}"
+    return "give a local model folder, a hub id while online, or --model minilm-l6 for the embedded MiniLM-L6"
+
+
+def resolve_model(name: str, advice: str | None = None) -> str:
     """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise UserError(f"cannot load model {name!r}: no such folder; give a local model folder, a hub id while "
-                        "online, or --model minilm-l6 for the embedded MiniLM-L6")
+        raise UserError(f"cannot load model {name!r}: no such folder; {other_models(advice)}")
     if name in EMBEDDED:
         package, install = EMBEDDED[name]
         try:
@@ -82,10 +88,10 @@ def _missing_sentencepiece() -> list[str]:
     return missing
 
 
-def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
+def _load_error(name: str, exc: Exception, what: str = "model", advice: str | None = None) -> UserError:
     """One line naming why `name` could not be loaded, with the fix for that cause."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    folder = Path(resolve_model(name)).expanduser()
+    folder = Path(resolve_model(name, advice)).expanduser()
     missing = _missing_sentencepiece()
     if what == "tokenizer" and missing:
         has_spm = folder.is_dir() and any((folder / f).is_file() for f in SENTENCEPIECE_FILES)
@@ -98,35 +104,42 @@ def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
             return _no_tokenizer_files(name)
         return UserError(f"cannot load the {what} in model folder {name!r} ({first_line}); check that the folder "
                          "holds a complete Transformers checkpoint (config.json, weights, tokenizer files)")
-    return UserError(
-        f"cannot load {what} {name!r} ({first_line}); give a local model folder, a hub id while online, "
-        "or --model minilm-l6 for the embedded MiniLM-L6"
-    )
+    return UserError(f"cannot load {what} {name!r} ({first_line}); {other_models(advice)}")
 
 
-def load_config(name: str, num_labels: int, trust_remote_code: bool = False, **overrides: Any):
-    """The Transformers config of model `name` with the task's head size (0: a language-model task, no head)."""
+def load_config(name: str, num_labels: int, trust_remote_code: bool = False, advice: str | None = None,
+                **overrides: Any):
+    """The Transformers config of model `name` with the task's head size (0: a language-model task, no head);
+    `advice` (`Task.model_advice`) shapes the suggestion of another model when it cannot be loaded."""
     from transformers import AutoConfig
 
     if num_labels:
         overrides["num_labels"] = num_labels
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code, **overrides)
+            return AutoConfig.from_pretrained(resolve_model(name, advice), trust_remote_code=trust_remote_code,
+                                              **overrides)
     except UserError:
         raise
     except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
+        raise _load_error(name, exc, advice=advice) from None
+
+
+def task_config(name: str, task, trust_remote_code: bool = False):
+    """(the task as it applies to this model, the model's config with the task's head): from config.json alone.
+    Generation tasks take their model kind from the config and refuse a model that cannot do them
+    (`Task.for_model`), so a model that does not fit is refused before any data is read or weights loaded."""
+    config = load_config(name, task.num_labels, trust_remote_code, task.model_advice, **task.config_overrides())
+    return task.for_model(config), config
 
 
 def for_task(name: str, task, trust_remote_code: bool = False, tokenizer_from: str | None = None):
     """(the task as it applies to this model, the model's config with the task's head, the tokenizer).
 
-    Generation tasks take their model kind from the config (`Task.for_model`). A tokenizer without a padding token
-    (GPT-2's) pads with its end-of-text token, and the config learns it (sequence classification needs it).
+    A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, and the config learns it
+    (sequence classification needs it).
     """
-    config = load_config(name, task.num_labels, trust_remote_code, **task.config_overrides())
-    task = task.for_model(config)
+    task, config = task_config(name, task, trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_from or name, trust_remote_code)
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id

@@ -17,7 +17,8 @@ from adalora_cli import checkpoints, devices, distributed, files, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
-from adalora_cli.evaluation import EvalSet, evaluate, max_length, quiet_datasets, read_data, require_hub
+from adalora_cli.evaluation import (EvalSet, configured_task, evaluate, max_length, quiet_datasets, read_data,
+                                    require_hub)
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task
@@ -111,6 +112,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     if not resume:
         rundir.prepare_output_dir(out, overwrite)
     require_hub(cfg)
+    models.task_config(cfg.model, configured_task(cfg), cfg.trust_remote_code)  # refuses a misfit before reading data
     task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
     args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr, precision,
                               method.adapter, task)  # starts DDP if launched

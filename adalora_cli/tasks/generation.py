@@ -28,6 +28,8 @@ from adalora_cli.tasks import EvalSplit, UserDataTask, register_task
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 KINDS = ("seq2seq-lm", "causal-lm")
+KIND_MODELS = {"seq2seq-lm": "an encoder-decoder model (BART, T5)",
+               "causal-lm": "a decoder-only model (GPT-2, Llama, Qwen, Mistral)"}
 GENERATION_SETTINGS = ("num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 COLUMN_SETTINGS = ("source_column", "target_column", "prompt_column", "completion_column", "text_column")
 
@@ -117,13 +119,17 @@ class GenerationTask(UserDataTask):
     def main_metric(self) -> str:
         return "perplexity" if self.plain_lm else self.spec.main_metric
 
+    @property
+    def model_advice(self) -> str:
+        return " or ".join(KIND_MODELS[kind] for kind in self.spec.kinds)
+
     def for_model(self, config) -> "GenerationTask":
         from adalora_cli.models import language_model_kind
 
         kind = language_model_kind(config)
         if kind is None:
-            raise UserError(f"{self.name} generates text, which a {config.model_type} model cannot; use an "
-                            "encoder-decoder model (BART, T5) or a decoder-only one (GPT-2, Llama, Qwen, Mistral)")
+            raise UserError(f"{self.name} generates text, which a {config.model_type} model cannot; use "
+                            f"{self.model_advice}")
         if kind not in self.spec.kinds:
             hint = ("--task causal-lm with --prompt-column and --completion-column" if kind == "causal-lm"
                     else "--task seq2seq with --source-column and --target-column")
