@@ -31,9 +31,9 @@ class HubNeed:
 
 def model_need(name: str) -> HubNeed | None:
     """The hub model `name` stands for, or None when it is a local folder or an embedded model."""
-    from adalora_cli.models import EMBEDDED
+    from adalora_cli.models import EMBEDDED, LOCAL_PREFIXES
 
-    if name in EMBEDDED or Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+    if name in EMBEDDED or Path(name).expanduser().exists() or name.startswith(LOCAL_PREFIXES):
         return None
     return HubNeed("model", name)
 

