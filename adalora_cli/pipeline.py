@@ -338,15 +338,15 @@ def run_summary(cfg: RunConfig, task: Task, evals: list[EvalSet], method, metric
     metric = selection_metric(cfg, task)
     evaluated = next((e for e in evals if e.suffix and metric.endswith(e.suffix)), evals[0])
     value = metrics["eval"].get(metric)
-    result = f"{metric} {format_number(value)}" if value is not None else ", ".join(
+    result = f"{metric} {value:.4f}" if value is not None else ", ".join(
         f"{k} {format_number(v)}" for k, v in metrics["eval"].items())
     budget = f" (budget {format_count(cfg.budget)})" if cfg.budget and method.adapter else ""
     rows = [
         ("run", str(out)),
         ("result", f"{result} on {evaluated.name} ({len(evaluated.raw):,} rows), after {metrics['steps']:,} "
                    f"optimizer steps in {metrics['train_runtime_s']:.0f} s"),
-        ("trained", f"{method.name}, {metrics['adapter_params']:,} {'adapter ' if method.adapter else ''}parameters"
-                    f"{budget}"),
+        ("method", f"{method.name}, {metrics['adapter_params']:,} {'adapter ' if method.adapter else ''}parameters"
+                   f"{budget}"),
     ]
     if classes:
         rows.append(("classes", ", ".join(classes)))

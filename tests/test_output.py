@@ -34,10 +34,11 @@ def test_train_ends_with_one_summary(run):
     out, result = run
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines if not line.startswith(" ")] == [
-        "run", "result", "trained", "classes", "files", "next"]
+        "run", "result", "method", "classes", "files", "next"]
     assert lines[0].split() == ["run", str(out)]
-    assert re.fullmatch(r"result +accuracy 0\.\d+ on validation \(32 rows\), after 6 optimizer steps in \d+ s",
+    assert re.fullmatch(r"result +accuracy 0\.\d{4} on validation \(32 rows\), after 6 optimizer steps in \d+ s",
                         lines[1]), lines[1]
+    assert lines[2].split(None, 1) == ["method", "lora, 3,584 adapter parameters (budget 4.0k)"]  # rank 4 x 896
     assert lines[3].split(None, 1) == ["classes", "negative, positive"]
     assert [line.strip() for line in lines[-3:]] == [
         f"next    adalora eval {out}", f"adalora predict {out} --input FILE",
