@@ -177,7 +177,9 @@ class AdapterTrainer(Trainer):
                  allocation: AllocationCallback | None = None, stop_signals: StopSignals | None = None,
                  evaluator: Callable[[], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        for default in (ProgressCallback, PrinterCallback):  # their dicts of quoted numbers on stdout: ours instead
+        from transformers.trainer import DEFAULT_PROGRESS_CALLBACK  # a notebook's own, in Jupyter
+
+        for default in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:  # dicts of quoted numbers
             self.remove_callback(default)
         self.add_callback(RunProgress(bar=not self.args.disable_tqdm))
         self.evaluator = evaluator  # the run's own evaluation (evaluation.evaluate), for --eval-every
