@@ -133,9 +133,9 @@ def mnli_dir(tmp_path):
              ("Кошка спит на диване.", "The cat is asleep.", "neutral")]
     write_tsv(folder / "train.tsv", MNLI_TRAIN_HEADER, [mnli_row(i, *p, dev=False) for i, p in enumerate(pairs)])
     write_tsv(folder / "dev_matched.tsv", MNLI_DEV_HEADER, [mnli_row(i, *p, dev=True) for i, p in enumerate(pairs)])
+    mismatched = pairs[:2] + [("猫が寝ている。", "A dog barks.", "neutral")] + pairs[:1]
     write_tsv(folder / "dev_mismatched.tsv", MNLI_DEV_HEADER,
-              [mnli_row(i, *p, dev=True) for i, p in enumerate(pairs[:2] + [("猫が寝ている。", "A dog barks.", "neutral")]
-                                                                    + pairs[:1])])
+              [mnli_row(i, *p, dev=True) for i, p in enumerate(mismatched)])
     return tmp_path / "glue"
 
 
