@@ -58,11 +58,29 @@ def component_cost(target: Target, extra: int = 0) -> int:
     return target.d_in + target.d_out + extra
 
 
+def full_rank_capacity(targets: list[Target], extra: int = 0) -> int:
+    """Adapter parameters the targets hold with every matrix at full rank, min(d_in, d_out): a rank beyond it adds
+    parameters but no expressiveness, so no budget above this can be spent usefully."""
+    return sum(min(t.d_in, t.d_out) * component_cost(t, extra) for t in targets)
+
+
+def check_capacity(targets: list[Target], budget: int, extra: int = 0) -> None:
+    """Refuse a budget above `full_rank_capacity`: on a small model it would silently train most of the model."""
+    most = full_rank_capacity(targets, extra)
+    if budget > most:
+        raise UserError(
+            f"budget {budget:,} is more than the {len(targets)} adapted matrices can hold ({most:,} parameters with "
+            f"every matrix at full rank); lower --budget to at most {most:,}, or adapt more matrices "
+            "(--set <method>.target_modules=...) or train every weight (--method full)"
+        )
+
+
 def largest_uniform_rank(targets: list[Target], budget: int, extra: int = 0) -> int:
     """The largest rank r such that every target at rank r together costs at most `budget`.
 
-    Raises a UserError when even rank 1 everywhere exceeds the budget.
+    Raises a UserError when even rank 1 everywhere exceeds the budget, or the budget exceeds what the targets hold.
     """
+    check_capacity(targets, budget, extra)
     per_rank = sum(component_cost(t, extra) for t in targets)
     rank = budget // per_rank
     if rank < 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from adalora_cli.config import RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
@@ -42,8 +42,26 @@ class OneLineErrors(TyperGroup):
         sys.exit(result if isinstance(result, int) else 0)  # an int is the code of a typer.Exit
 
 
+class PlainHelp(TyperCommand):
+    """Help as plain text: a boxed table squeezes long option names into "--gradient-accu…" at 80 columns, while
+    plain text puts a long name on a line of its own. Options stay grouped under their panels (Data, ...)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = "Arguments" if param.param_type_name == "argument" else \
+                    getattr(param, "rich_help_panel", None) or "Options"
+                sections.setdefault(title, []).append(record)
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
     cls=OneLineErrors,
+    rich_markup_mode=None,  # plain help (PlainHelp), readable at any width
     help="Fine-tune Transformer models with adaptive-rank low-rank adapters under a parameter budget.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -78,7 +96,8 @@ def user_errors(command):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (a test runner may swap it between commands)."""
+    """Writes to whatever sys.stderr is now (a test runner may swap it between commands), through tqdm: a progress
+    bar on the terminal is cleared, the line written, the bar redrawn below it, so no message lands on its line."""
 
     @property
     def stream(self):
@@ -87,6 +106,14 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def _setup_logging() -> None:
@@ -108,15 +135,15 @@ def _default(key: str) -> str:
 
 def _opt(key: str, help_: str, *names: str, shown: str | None = None, panel: str | None = None):
     """An option of `train` whose help shows the RunConfig default (or `shown`)."""
-    return typer.Option(*names, help=help_, show_default=shown if shown is not None else _default(key),
-                        rich_help_panel=panel)
+    return typer.Option(*names, help=f"{help_}  [default: {shown if shown is not None else _default(key)}]",
+                        show_default=False, rich_help_panel=panel)
 
 
 DATA = "Data"
 EVAL = "Evaluation during training"
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 @user_errors
 def train(
     task: Annotated[Optional[str], _opt("task", "Required (here or in --config): text-classification, "
@@ -193,9 +220,9 @@ def train(
 
         cfg = make_config(config, set_, options, base=saved_settings(cfg.output_dir))
 
-    metrics = run_train(cfg, overwrite=overwrite, resume=resume)
-    if metrics is not None:  # None on the other processes of a multi-process run
-        typer.echo(json.dumps(metrics, indent=2))
+    result = run_train(cfg, overwrite=overwrite, resume=resume)
+    if result is not None:  # None on the other processes of a multi-process run
+        typer.echo(result.summary)
 
 
 COLUMNS = "Columns of the file, where they differ from the run's"
@@ -221,7 +248,7 @@ def _columns(options: dict) -> dict[str, Optional[str]]:
     return {key: options[key] for key in COLUMN_OPTIONS}
 
 
-@app.command("eval")
+@app.command("eval", cls=PlainHelp)
 @user_errors
 def eval_(
     run: RunDirArg,
@@ -254,7 +281,7 @@ def eval_(
         typer.echo(json.dumps(result, indent=2))
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 @user_errors
 def predict(
     run: RunDirArg,
@@ -280,7 +307,7 @@ def predict(
     run_predict(run, input_, output, format_, rank, batch_size, columns=_columns(locals()))
 
 
-@app.command("export-adapter")
+@app.command("export-adapter", cls=PlainHelp)
 @user_errors
 def export_adapter(
     run: RunDirArg,
@@ -289,14 +316,19 @@ def export_adapter(
     out: Annotated[Optional[Path], typer.Option(help="Folder to write.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     rank: Annotated[Optional[int], typer.Option(help="Export an any-rank (DyLoRA) adapter at this rank.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="peft: the base model the adapter names "
+                                                      "(base_model_name_or_path), e.g. another copy of it.",
+                                                      show_default="the run's model: its hub id where known, "
+                                                      "else its folder")] = None,
 ) -> None:
     """Export a trained run as native files, a PEFT adapter, or a model with the adapter merged in."""
     from adalora_cli.export import run_export
 
-    typer.echo(f"wrote {format_} export: {run_export(run, format_, out, overwrite, rank)}")
+    written = run_export(run, format_, out, overwrite, rank, base_model)
+    typer.echo(f"wrote the {format_} export of {run} to {written}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 @user_errors
 def inspect(run: RunDirArg) -> None:
     """Print the final rank of every adapted matrix and write RUN/rank_allocation.png."""
@@ -307,24 +339,29 @@ def inspect(run: RunDirArg) -> None:
     typer.echo(f"wrote {png}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 @user_errors
 def methods() -> None:
     """List the registered methods."""
     from adalora_cli.methods import available_methods, get_method
 
-    for name in available_methods():
-        typer.echo(f"{name:10s} {get_method(name).summary}")
+    _table([(name, get_method(name).summary) for name in available_methods()])
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 @user_errors
 def tasks() -> None:
     """List the registered tasks."""
     from adalora_cli.tasks import available_tasks, get_task
 
-    for name in available_tasks():
-        typer.echo(f"{name:10s} {', '.join(get_task(name).metric_names)}")
+    _table([(name, ", ".join(get_task(name).metric_names)) for name in available_tasks()])
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
+    """Two columns, the second starting where the longest name ends."""
+    width = max(len(name) for name, _ in rows)
+    for name, text in rows:
+        typer.echo(f"{name:{width}s}  {text}")
 
 
 def _print_version(value: bool) -> None:

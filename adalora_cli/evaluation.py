@@ -76,7 +76,7 @@ def require_hub(cfg: RunConfig, data: bool = True) -> None:
         if data else None
     if dataset is not None:
         needs.append(hub.HubNeed("dataset", *dataset))
-    hub.require(needs)
+    hub.require(needs, task.model_advice)
 
 
 def apply_file_columns(cfg: RunConfig, columns: dict[str, str | None] | None) -> dict[str, str]:

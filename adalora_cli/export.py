@@ -13,7 +13,6 @@ renamed at the end: a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import uuid
@@ -23,8 +22,6 @@ from typing import Any
 
 from adalora_cli import files, rundir
 from adalora_cli.errors import UserError
-
-logger = logging.getLogger("adalora_cli")
 
 FORMATS = ("native", "peft", "merged")
 
@@ -45,12 +42,14 @@ NATIVE_FILES = (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.ADAPTER, rundir.FUL
                 rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.METRICS)
 
 
-def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = False, rank: int | None = None) -> Path:
+def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = False, rank: int | None = None,
+               base_model: str | None = None) -> Path:
     """Export the run at `run` in format `fmt` to the folder `out`; returns `out`.
 
     Args:
         rank: export an any-rank adapter (DyLoRA: `Method.any_rank`, layers with `set_rank`) truncated to
             this rank; None keeps the trained ranks.
+        base_model: the base model a PEFT export names (`base_model_name_or_path`); None: `base_model_name`.
     """
     if fmt is None:
         raise UserError(f"no export format; pass --format {' | '.join(FORMATS)}")
@@ -58,6 +57,9 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if out is None:
         raise UserError("no output folder; pass --out DIR")
+    if base_model is not None and fmt != "peft":
+        raise UserError(f"--base-model applies to --format peft (a {fmt} export does not name a base model); "
+                        "drop --base-model")
     run, out = Path(run), Path(out)
     rundir.require_run(run)
     _check_out(run, out, overwrite)
@@ -78,7 +80,7 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         if fmt == "native":
             write_native(run, tmp, tokenizer)
         elif fmt == "peft":
-            write_peft(tmp, cfg, saved, task, model, layers, factors)
+            write_peft(tmp, saved, task, model, layers, factors, base_model or base_model_name(cfg.model))
         else:
             write_merged(tmp, model, layers, factors, tokenizer)
         _publish(tmp, out)
@@ -88,7 +90,6 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         for folder in reversed(created):
             _remove_if_empty(folder)
         raise
-    logger.info("wrote the %s export of %s to %s", fmt, run, out)
     return out
 
 
@@ -154,19 +155,25 @@ def head_modules(head_params: list[str]) -> list[str]:
     return modules
 
 
-def peft_config(cfg, saved, task, factors: dict[str, Any], fan_in_fan_out: bool = False) -> dict[str, Any]:
+def base_model_name(model: str) -> str:
+    """What a PEFT export names as its base: the hub id where it is known (a hub model, the embedded MiniLM-L6, a
+    folder of the hub cache), so that the adapter loads on any machine; else the local folder's absolute path."""
+    from adalora_cli import models
+
+    return models.hub_id(model) or models.resolve_model(model)
+
+
+def peft_config(saved, task, factors: dict[str, Any], base_model: str, fan_in_fan_out: bool = False) -> dict[str, Any]:
     """PEFT's LoraConfig as JSON: every module's rank in `rank_pattern` and alpha = scale * rank in
     `alpha_pattern`, so that PEFT's scale alpha / r is ours whatever the method's own scale rule. GPT-2's Conv1D
     projections store their weight transposed, which PEFT is told with `fan_in_fan_out`."""
-    from adalora_cli import models
-
     ranks = {name: f.rank for name, f in factors.items()}
     alphas = {name: f.scale * f.rank for name, f in factors.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
         "task_type": PEFT_TASK_TYPES[task.model_kind],
-        "base_model_name_or_path": models.resolve_model(cfg.model),
+        "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
         "r": common,
@@ -186,7 +193,8 @@ def peft_config(cfg, saved, task, factors: dict[str, Any], fan_in_fan_out: bool 
     }
 
 
-def write_peft(folder: Path, cfg, saved, task, model, layers: dict[str, Any], factors: dict[str, Any]) -> None:
+def write_peft(folder: Path, saved, task, model, layers: dict[str, Any], factors: dict[str, Any],
+               base_model: str) -> None:
     """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes, and for
     classification labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer
     for them."""
@@ -204,7 +212,7 @@ def write_peft(folder: Path, cfg, saved, task, model, layers: dict[str, Any], fa
         tensors[PEFT_PREFIX + name] = params[name]
     files.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     fan_in_fan_out = any(is_conv1d(layers[name].base) for name in kept)
-    files.write_json(folder / PEFT_CONFIG, peft_config(cfg, saved, task, kept, fan_in_fan_out))
+    files.write_json(folder / PEFT_CONFIG, peft_config(saved, task, kept, base_model, fan_in_fan_out))
     if PEFT_TASK_TYPES.get(task.model_kind) == "SEQ_CLS":
         labels = {key: getattr(model.config, key) for key in ("id2label", "label2id")}
         files.write_json(folder / PEFT_LABELS, {"num_labels": len(labels["id2label"]), **labels})
@@ -226,11 +234,14 @@ def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> No
 def write_merged(folder: Path, model, layers: dict[str, Any], factors: dict[str, Any], tokenizer) -> None:
     """A folder `AutoModelFor*.from_pretrained` and `AutoTokenizer.from_pretrained` load with no adapter
     library: the merged weights, the config (with the task's labels) and the tokenizer."""
+    from adalora_cli.models import no_progress_bars
+
     merge_adapters(model, layers, factors)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    with no_progress_bars():
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
 
 
 # -- the output folder -----------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ class HubNeed:
 
 def model_need(name: str) -> HubNeed | None:
     """The hub model `name` stands for, or None when it is a local folder or an embedded model."""
-    from adalora_cli.models import EMBEDDED
+    from adalora_cli.models import EMBEDDED, LOCAL_PREFIXES
 
-    if name in EMBEDDED or Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+    if name in EMBEDDED or Path(name).expanduser().exists() or name.startswith(LOCAL_PREFIXES):
         return None
     return HubNeed("model", name)
 
@@ -78,11 +78,12 @@ def cached(need: HubNeed) -> bool:
         return False
 
 
-def require(needs: list[HubNeed | None]) -> None:
+def require(needs: list[HubNeed | None], model_advice: str | None = None) -> None:
     """Check, before any download, that everything the run needs from the hub can be had.
 
     Offline (by setting, or because the hub does not answer), whatever is not in the local cache is reported in
-    one line; when everything is cached, the run goes on offline.
+    one line; when everything is cached, the run goes on offline. `model_advice` names the models that fit the task
+    (`Task.model_advice`); without it, any local folder or the embedded MiniLM-L6 is suggested.
     """
     needs = [need for need in needs if need is not None]
     if not needs:
@@ -98,7 +99,8 @@ def require(needs: list[HubNeed | None]) -> None:
     if missing:
         fixes = []
         if any(need.startswith("model") for need in missing):
-            fixes.append("--model with a local folder (or minilm-l6, the embedded MiniLM-L6)")
+            fixes.append(f"--model with a local folder of {model_advice}" if model_advice
+                         else "--model with a local folder (or minilm-l6, the embedded MiniLM-L6)")
         if any(need.startswith("dataset") for need in missing):
             fixes.append("local data (--data-dir, or --train-file and --validation-file)")
         raise UserError(f"{reason} and the local cache lacks {', '.join(missing)}; give {' and '.join(fixes)}, "

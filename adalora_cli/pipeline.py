@@ -17,8 +17,8 @@ from adalora_cli import checkpoints, devices, distributed, files, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
-from adalora_cli.evaluation import (EvalSet, decoding, evaluate, features_for, max_length, quiet_datasets, read_data,
-                                    require_hub)
+from adalora_cli.evaluation import (EvalSet, configured_task, decoding, evaluate, features_for, max_length,
+                                    quiet_datasets, read_data, require_hub)
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task
@@ -95,8 +95,16 @@ def evaluation_settings(cfg: RunConfig, task: Task) -> dict[str, Any]:
     return settings
 
 
-def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any] | None:
-    """Train, save the run directory, evaluate; returns the metrics written to metrics.json.
+@dataclass
+class TrainResult:
+    """What `run_train` returns: the metrics written to metrics.json, and the summary a person reads at the end."""
+
+    metrics: dict[str, Any]
+    summary: str
+
+
+def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> TrainResult | None:
+    """Train, save the run directory, evaluate; returns the metrics written to metrics.json and the summary.
 
     With `resume`, continue the run in `cfg.output_dir` from its last complete checkpoint (same settings).
     Under several processes (torchrun), every process trains and only the main one writes the run
@@ -112,6 +120,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     if not resume:
         rundir.prepare_output_dir(out, overwrite)
     require_hub(cfg)
+    models.task_config(cfg.model, configured_task(cfg), cfg.trust_remote_code)  # refuses a misfit before reading data
     task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
     args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr, precision,
                               method.adapter, task)  # starts DDP if launched
@@ -184,7 +193,8 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
         skeleton = models.skeleton(hf_config, task.model_kind)
         targets = find_targets(skeleton, hf_config.model_type, method_cfg.target_modules)
         plan = method.plan(targets, cfg.budget, method_cfg)
-        logger.info("method %s: %d target matrices, plan %s", method.name, len(targets), plan.notes)
+        logger.info("method %s: %d target matrices, plan: %s", method.name, len(targets),
+                    ", ".join(f"{key} {value}" for key, value in plan.notes.items()))
     elif cfg.budget is not None:
         logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
     set_seed(cfg.seed)
@@ -274,7 +284,7 @@ def _interrupted_message(trainer, out: Path) -> str:
 
 
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
-                precision: str, resumed: bool, train_cut: dict[str, int]) -> dict[str, Any]:
+                precision: str, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
     `train_cut` counts the training rows whose inputs / targets were cut to fit (`evaluation.features_for`)."""
     out = Path(cfg.output_dir)
@@ -312,10 +322,45 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
     if task.generates:
         metrics["decoding"] = decoding(model, built.tokenizer, task)
     files.write_json(out / rundir.METRICS, metrics)
-    _draw(out, allocation is not None, cfg.report_to, trainer)
-    logger.info("adapter parameters: %s (budget %s)", f"{adapter_params:,}",
-                format_count(cfg.budget) if cfg.budget and method.adapter else "none")
-    return metrics
+    pictures = _draw(out, allocation is not None, cfg.report_to, trainer)
+    return TrainResult(metrics, run_summary(cfg, task, evals, method, metrics, _classes(task, model), pictures))
+
+
+def _classes(task: Task, model) -> list[str] | None:
+    """The class names a classification run predicts, in id order; None for other tasks and regression."""
+    config = model.config
+    if task.model_kind != "sequence-classification" or getattr(config, "problem_type", None) == "regression":
+        return None
+    return [config.id2label[i] for i in sorted(config.id2label)]
+
+
+def run_summary(cfg: RunConfig, task: Task, evals: list[EvalSet], method, metrics: dict[str, Any],
+                classes: list[str] | None, pictures: list[Path]) -> str:
+    """The end of `adalora train`, in one block: where the run is, its main metric, its classes, and the commands
+    that come next."""
+    from adalora_cli.training import format_number
+
+    out = Path(cfg.output_dir)
+    metric = selection_metric(cfg, task)
+    evaluated = next((e for e in evals if e.suffix and metric.endswith(e.suffix)), evals[0])
+    value = metrics["eval"].get(metric)
+    result = f"{metric} {value:.4f}" if value is not None else ", ".join(
+        f"{k} {format_number(v)}" for k, v in metrics["eval"].items())
+    budget = f" (budget {format_count(cfg.budget)})" if cfg.budget and method.adapter else ""
+    rows = [
+        ("run", str(out)),
+        ("result", f"{result} on {evaluated.name} ({len(evaluated.raw):,} rows), after {metrics['steps']:,} "
+                   f"optimizer steps in {metrics['train_runtime_s']:.0f} s"),
+        ("method", f"{method.name}, {metrics['adapter_params']:,} {'adapter ' if method.adapter else ''}parameters"
+                   f"{budget}"),
+    ]
+    if classes:
+        rows.append(("classes", ", ".join(classes)))
+    rows.append(("files", ", ".join([rundir.METRICS] + [p.name for p in pictures])))
+    export_format = "peft" if method.adapter else "merged"
+    rows += [("next", f"adalora eval {out}"), ("", f"adalora predict {out} --input FILE"),
+             ("", f"adalora export-adapter {out} --format {export_format} --out DIR")]
+    return "\n".join(f"{name:8s}{text}" for name, text in rows)
 
 
 def _best(cfg: RunConfig, task: Task, trainer) -> dict[str, Any] | None:
@@ -331,15 +376,15 @@ def _best(cfg: RunConfig, task: Task, trainer) -> dict[str, Any] | None:
             "value": round(float(state.best_metric), 6)}
 
 
-def _draw(out: Path, adaptive: bool, report_to: str, trainer) -> None:
+def _draw(out: Path, adaptive: bool, report_to: str, trainer) -> list[Path]:
     """The learning curve, and for adaptive methods the rank allocation; both go to the tracker too."""
     from adalora_cli.report import write_learning_curve, write_rank_plot
 
     pictures = [write_learning_curve(out)]
     if adaptive:  # the final ranks and the budget curve (as `adalora inspect`)
         pictures.append(write_rank_plot(out))
-    logger.info("pictures: %s", ", ".join(str(p) for p in pictures))
     tracking.log_images(report_to, out / LOGS, pictures, trainer)
+    return pictures
 
 
 def _divergence_message(exc, out: Path, needs_allocator: bool) -> str:

@@ -8,16 +8,17 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from adalora_cli import checkpoints, distributed
+from adalora_cli import checkpoints, distributed, models
 from adalora_cli.errors import TrainingFailed
 from adalora_cli.methods.base import Allocator
 
@@ -113,6 +114,51 @@ class StopSignals:
         return self.NAMES.get(self.received) if self.received is not None else None
 
 
+def format_number(value: Any) -> str:
+    """A logged value as a person reads it: integers with thousands separators, floats to 4 significant digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def format_log(logs: dict[str, Any], step: int, max_steps: int) -> str:
+    """One line of the training log: led by the optimizer step, then the values under their train_log.json names.
+    An evaluation says whether it counted (an adaptive method's adapter is over the budget until its final phase)."""
+    logs = {k: v for k, v in logs.items() if k != "total_flos"}
+    epoch = logs.pop("epoch", None)
+    where = f"step {step:,}/{max_steps:,}" + (f" (epoch {epoch:.3g})" if epoch is not None else "")
+    if any(k.startswith("eval_") for k in logs):
+        counted = logs.pop("eval_at_final_budget", True)
+        values = ", ".join(f"{k.removeprefix('eval_')} {format_number(v)}" for k, v in logs.items())
+        note = "" if counted else " (before the final budget: not used by --keep-best or --early-stopping)"
+        return f"evaluation at {where}: {values}{note}"
+    if "train_runtime" in logs:
+        return f"training done at {where}: " + ", ".join(f"{k} {format_number(v)}" for k, v in logs.items())
+    return f"{where}: " + ", ".join(f"{k} {format_number(v)}" for k, v in logs.items())
+
+
+class RunProgress(ProgressCallback):
+    """The Trainer's progress bar and log lines, for a person: each log line through our logger (stderr, written
+    around the bar, never onto its line), numbers as numbers, led by the optimizer step. The bar is drawn only on
+    a terminal; in a log file its redraws would be noise, and the log lines say how far training is."""
+
+    def __init__(self, bar: bool = True):
+        super().__init__()
+        self.bar = bar
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True,
+                                     disable=not (self.bar and sys.stderr.isatty()))
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info(format_log(logs, state.global_step, state.max_steps))
+
+
 class AdapterTrainer(Trainer):
     """A Trainer that adds the method's regulariser to the loss and logs it beside the task loss,
     together with the allocator's budget and kept adapter parameters, stops on a non-finite loss, and stops
@@ -131,6 +177,11 @@ class AdapterTrainer(Trainer):
                  allocation: AllocationCallback | None = None, stop_signals: StopSignals | None = None,
                  evaluator: Callable[[], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        from transformers.trainer import DEFAULT_PROGRESS_CALLBACK  # a notebook's own, in Jupyter
+
+        for default in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:  # dicts of quoted numbers
+            self.remove_callback(default)
+        self.add_callback(RunProgress(bar=not self.args.disable_tqdm))
         self.evaluator = evaluator  # the run's own evaluation (evaluation.evaluate), for --eval-every
         self.eval_at_final_budget = True
         # Our task heads (sequence classification, QA) average their loss over the micro-batch and ignore the
@@ -152,6 +203,12 @@ class AdapterTrainer(Trainer):
         self._step_loss: torch.Tensor | None = None  # sum of this optimizer step's micro-batch losses
         self._stop_agreed = False
         self._skipped_in_a_row = 0
+
+    def train(self, *args, **kwargs):
+        """Training without Transformers' own progress bars ("Writing model shards" at every checkpoint): one bar,
+        ours."""
+        with models.no_progress_bars():
+            return super().train(*args, **kwargs)
 
     @property
     def loss_scaling(self) -> bool:
@@ -199,9 +256,6 @@ class AdapterTrainer(Trainer):
         logs = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         logs[f"{metric_key_prefix}_at_final_budget"] = self.eval_at_final_budget
         self.log(logs)
-        if not self.eval_at_final_budget:
-            logger.info("evaluation at step %d is before the final budget: shown, not used by --keep-best or "
-                        "--early-stopping", self.state.global_step)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
         return logs
 

@@ -69,3 +69,39 @@ def test_adalora_paper_knobs_count_triplets():
     assert plan.allocator_budget == 72 and plan.notes["unit"] == "triplets"
     with pytest.raises(UserError, match="either --budget or adalora.target_r"):
         plan_adaptive(minilm_targets(), 300_000, AdaLoraConfig(target_r=2))
+
+
+# -- a budget above what the adapted matrices can hold ---------------------------------------------------------
+
+def full_rank_cost(targets, extra: int) -> int:
+    """Every target at rank min(d_in, d_out), each rank-1 component costing d_in + d_out (+ extra)."""
+    return sum(min(t.d_in, t.d_out) * (t.d_in + t.d_out + extra) for t in targets)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "prilora", "dylora"])
+def test_a_budget_above_full_rank_is_refused_with_the_maximum(method):
+    from adalora_cli.methods import get_method
+
+    record, targets = get_method(method), minilm_targets()
+    most = full_rank_cost(targets, 1 if method == "adalora" else 0)
+    assert most == 384 * 6 * (4 * (768 + (method == "adalora")) + 2 * (1920 + (method == "adalora")))
+    with pytest.raises(UserError, match=f"at most {most:,}") as refused:
+        record.plan(targets, most + 1, record.config_cls())
+    assert "36 adapted matrices" in str(refused.value) and "lower --budget" in str(refused.value)
+    plan = record.plan(targets, most, record.config_cls())  # the maximum itself is allowed
+    assert plan.budget == most
+
+
+def test_the_cli_refuses_a_budget_the_model_cannot_hold(tiny_bert_dir, glue_dir, tmp_path):
+    """0.3M on the tiny BERT (2 layers, hidden 32, FFN 64): at full rank its 12 matrices hold 2 x (4 x 32 x 64 +
+    2 x 32 x 96) = 28,672 LoRA parameters."""
+    from typer.testing import CliRunner
+
+    from adalora_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--task", "sst2", "--method", "lora", "--model", tiny_bert_dir,
+                                      "--data-dir", str(glue_dir), "--budget", "0.3M", "--max-steps", "1",
+                                      "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.stderr
+    assert "budget 300,000 is more than the 12 adapted matrices can hold" in result.stderr
+    assert "at most 28,672" in result.stderr and "Traceback" not in result.stderr

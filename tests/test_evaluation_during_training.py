@@ -48,7 +48,9 @@ def test_keep_best_chooses_among_evaluations_at_the_final_budget(tiny_bert_dir, 
     logged = evaluations(out)
     assert [e["step"] for e in logged] == [2, 4, 6, 8, 10, 12]
     assert [e["eval_at_final_budget"] for e in logged] == [False] * 4 + [True] * 2
-    assert "evaluation at step 2 is before the final budget" in result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("adalora: evaluation at step 2/12 ")]
+    assert len(shown) == 1
+    assert shown[0].endswith("(before the final budget: not used by --keep-best or --early-stopping)")
     metrics = json.loads((out / rundir.METRICS).read_text())
     eligible = {e["step"]: e["eval_accuracy"] for e in logged if e["eval_at_final_budget"]}
     best_step = max(eligible, key=lambda s: (eligible[s], -s))  # the first of equals, as the Trainer keeps it

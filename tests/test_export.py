@@ -3,8 +3,10 @@ for PEFT is loaded by `peft.PeftModel.from_pretrained` and the merged one by pla
 process, and both give our logits; the native one is evaluated by `adalora eval`. Then the user errors."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +364,49 @@ def test_help_lists_the_export_and_inspect_commands():
     assert "export-adapter" in result.stdout and "inspect" in result.stdout
     result = runner.invoke(app, ["export-adapter", "--help"])
     assert result.exit_code == 0 and all(f in result.stdout for f in ("native", "peft", "merged", "--overwrite"))
+
+
+# -- the base model a PEFT export names ---------------------------------------------------------------------
+
+def peft_base(out) -> str:
+    return json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_peft_export_of_the_embedded_model_names_its_hub_id(trained, tmp_path):
+    """Not the folder inside this machine's Python installation, which no other machine has."""
+    run = trained("lora", "--budget", "50k", model_dir="minilm-l6")
+    assert export_cli(run, "peft", tmp_path / "peft").exit_code == 0
+    assert peft_base(tmp_path / "peft") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "/" + "site-packages" not in (tmp_path / "peft" / "adapter_config.json").read_text()
+
+
+def test_peft_export_of_a_hub_cache_folder_names_the_hub_id(trained, tiny_bert_dir, tmp_path_factory, tmp_path):
+    """A run on a folder of the Hugging Face cache (models--ORG--NAME/snapshots/REVISION) records ORG/NAME."""
+    snapshot = tmp_path_factory.mktemp("hub") / "models--acme--tiny-bert" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_bert_dir, snapshot)
+    run = trained("lora", model_dir=str(snapshot))
+    assert export_cli(run, "peft", tmp_path / "peft").exit_code == 0
+    assert peft_base(tmp_path / "peft") == "acme/tiny-bert"
+
+
+def test_peft_export_can_name_another_copy_of_the_base(trained, tiny_bert_dir, tmp_path):
+    """A local folder that is no hub model keeps its path, unless --base-model names another copy; PEFT then loads
+    the adapter on that copy with our logits."""
+    run = trained("lora")
+    assert export_cli(run, "peft", tmp_path / "kept").exit_code == 0
+    assert peft_base(tmp_path / "kept") == str(Path(tiny_bert_dir).resolve())
+    copy = tmp_path / "elsewhere" / "tiny-bert"
+    shutil.copytree(tiny_bert_dir, copy)
+    result = export_cli(run, "peft", tmp_path / "peft", "--base-model", str(copy))
+    assert result.exit_code == 0, result.stderr
+    assert peft_base(tmp_path / "peft") == str(copy)
+    tokenizer = rundir.load_run(run)[3]
+    with torch.no_grad():
+        theirs = peft_model(run, tmp_path / "peft")(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(theirs, our_logits(run), atol=1e-4, rtol=0)
+
+
+def test_base_model_applies_to_peft_exports_only(trained, tmp_path):
+    result = export_cli(trained("lora"), "merged", tmp_path / "merged", "--base-model", "org/name")
+    assert result.exit_code == 2 and "--base-model applies to --format peft" in result.stderr
+    assert not (tmp_path / "merged").exists()

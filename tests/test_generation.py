@@ -144,6 +144,31 @@ def test_a_model_that_does_not_fit_the_task_is_refused(generators, question_gene
     assert not out.exists()
 
 
+def test_a_model_that_does_not_fit_is_refused_before_any_data_is_read(generators, tmp_path):
+    """The training file does not even exist: the model's config alone decides, before data is read or printed."""
+    result = runner.invoke(app, ["train", "--task", "seq2seq", "--model", generators["gpt2"], "--budget", "4k",
+                                 "--train-file", str(tmp_path / "absent.jsonl"), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "adalora: error: --task seq2seq needs a seq2seq-lm model, and gpt2 is a causal-lm model; use --task causal-lm "
+        "with --prompt-column and --completion-column"]
+
+
+@pytest.mark.parametrize("task, fits", [("seq2seq", "an encoder-decoder model (BART, T5)"),
+                                        ("causal-lm", "a decoder-only model (GPT-2, Llama, Qwen, Mistral)"),
+                                        ("xsum", "an encoder-decoder model (BART, T5) or a decoder-only model")])
+def test_offline_advice_fits_a_generation_task(tmp_path, monkeypatch, task, fits):
+    """Offline with the default model (an encoder): the embedded MiniLM-L6 is no advice for a task that generates."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"source": "a", "target": "b", "prompt": "a", "completion": "b"}\n')
+    result = runner.invoke(app, ["train", "--task", task, "--train-file", str(data), "--validation-file", str(data),
+                                 "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "the local cache lacks model microsoft/deberta-v3-base" in result.stderr
+    assert f"give --model with a local folder of {fits}" in result.stderr and "minilm" not in result.stderr
+
+
 def test_an_encoder_cannot_generate(tiny_bert_dir, question_generation, tmp_path):
     result = runner.invoke(app, ["train", "--task", "seq2seq", "--model", tiny_bert_dir, "--budget", "4k",
                                  "--train-file", str(question_generation["seq2seq-train"]),

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from adalora_cli.budget import Target, component_cost, format_count
+from adalora_cli.budget import Target, check_capacity, component_cost, format_count
 from adalora_cli.errors import UserError
 from adalora_cli.methods import register_method
 from adalora_cli.methods.base import AdapterLinear, Allocator, LoraFactors, Method, MethodConfig, RankPlan
@@ -126,6 +126,7 @@ def plan_adaptive(targets: list[Target], budget: int | None, cfg: AdaLoraConfig)
             raise UserError(f"adalora.target_r={target_r} exceeds adalora.init_r={init_r}; lower target_r")
         notes = {"init_r": init_r, "target_r": target_r, "unit": "triplets"}
         return RankPlan({t.name: init_r for t in targets}, None, round(target_r * len(targets)), notes)
+    check_capacity(targets, budget, AdaLoraLinear.component_extra)
     average = budget / per_rank
     if average < 1:
         raise UserError(

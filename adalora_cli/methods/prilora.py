@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adalora_cli.budget import Target, component_cost, format_count
+from adalora_cli.budget import Target, check_capacity, component_cost, format_count
 from adalora_cli.errors import UserError
 from adalora_cli.methods import register_method
 from adalora_cli.methods.base import Allocator, Method, MethodConfig, RankPlan
@@ -99,6 +99,7 @@ def plan_increasing(targets: list[Target], budget: int | None, cfg: PriLoraConfi
                 f"budget {budget:,} is below one rank per adapted matrix ({cost(0.0):,} parameters for "
                 f"{len(targets)} matrices); raise --budget to at least {format_count(cost(0.0))}"
             )
+        check_capacity(targets, budget)
         low, high = 0.0, 1.0
         while cost(high) <= budget:
             low, high = high, high * 2

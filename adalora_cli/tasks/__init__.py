@@ -61,6 +61,12 @@ class Task:
         """Extra fields for the model config (problem type, label names)."""
         return {}
 
+    @property
+    def model_advice(self) -> str | None:
+        """The models that fit this task, for error messages that suggest another --model; None: any model with the
+        task's head (the embedded MiniLM-L6 among them)."""
+        return None
+
     def for_model(self, config) -> "Task":
         """This task for a model with this config: generation tasks take their model kind from it (and refuse a
         model that cannot generate); the others are the same for every model."""

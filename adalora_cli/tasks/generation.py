@@ -29,6 +29,8 @@ from adalora_cli.tasks import (TRUNCATED_INPUT, TRUNCATED_TARGET, EvalSplit, Use
 from adalora_cli.tasks.text_metrics import ROUGE, bleu, chrf, rouge
 
 KINDS = ("seq2seq-lm", "causal-lm")
+KIND_MODELS = {"seq2seq-lm": "an encoder-decoder model (BART, T5)",
+               "causal-lm": "a decoder-only model (GPT-2, Llama, Qwen, Mistral)"}
 GENERATION_SETTINGS = ("num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 COLUMN_SETTINGS = ("source_column", "target_column", "prompt_column", "completion_column", "text_column")
 # What `generate` uses unless the task or `--set` says otherwise: greedy decoding; with beams, also these.
@@ -135,13 +137,17 @@ class GenerationTask(UserDataTask):
         """A held-out share takes a source (prompt, text) with all its references."""
         return (self.text_column if self.plain_lm else self.source_column,)
 
+    @property
+    def model_advice(self) -> str:
+        return " or ".join(KIND_MODELS[kind] for kind in self.spec.kinds)
+
     def for_model(self, config) -> "GenerationTask":
         from adalora_cli.models import context_length, language_model_kind
 
         kind = language_model_kind(config)
         if kind is None:
-            raise UserError(f"{self.name} generates text, which a {config.model_type} model cannot; use an "
-                            "encoder-decoder model (BART, T5) or a decoder-only one (GPT-2, Llama, Qwen, Mistral)")
+            raise UserError(f"{self.name} generates text, which a {config.model_type} model cannot; use "
+                            f"{self.model_advice}")
         if kind not in self.spec.kinds:
             hint = ("--task causal-lm with --prompt-column and --completion-column" if kind == "causal-lm"
                     else "--task seq2seq with --source-column and --target-column")
