@@ -238,10 +238,12 @@ def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precis
     return model_outputs(model, features, tokenizer, batch_size, precision, progress)
 
 
-def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig) -> dict[str, float]:
-    """Every evaluation set, metric names suffixed per set; features are built on first use and kept."""
+def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
+             precision: devices.Precision | None = None) -> dict[str, float]:
+    """Every evaluation set, metric names suffixed per set; features are built on first use and kept. Computes under
+    `precision` (the run's, resolved once by the caller; default: resolved from `cfg`)."""
     metrics = {}
-    precision = devices.resolve_precision(cfg.precision)
+    precision = precision or devices.resolve_precision(cfg.precision)
     for eval_set in evals:
         if eval_set.features is None:
             eval_set.features = task.preprocess(eval_set.raw, tokenizer, max_length(cfg, task, tokenizer),

@@ -153,6 +153,14 @@ class AdapterTrainer(Trainer):
         self._stop_agreed = False
         self._skipped_in_a_row = 0
 
+    def _run_epoch(self, *args, **kwargs):
+        """Nothing left to train (a run resumed from the checkpoint of its last step, stopped before it wrote its
+        folder): the Trainer would still take one more optimizer step, as it checks for the end only after a step.
+        Skipping the epoch leaves the checkpoint's state as it is; the Trainer then ends training as usual."""
+        if self.state.global_step >= self.state.max_steps:
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     @property
     def loss_scaling(self) -> bool:
         return getattr(self.accelerator, "scaler", None) is not None

@@ -108,6 +108,10 @@ class GenerationTask(UserDataTask):
         task.target_column = task.completion_column or task.target_column
         return task
 
+    def resolved_settings(self) -> dict[str, Any]:
+        decoding = {key: value for key, value in self.generation.items() if key in GENERATION_SETTINGS}
+        return {"max_target_length": self.max_target_length, **decoding}
+
     @property
     def plain_lm(self) -> bool:
         """`--task causal-lm` with only a text column: language modelling, no target to generate."""
