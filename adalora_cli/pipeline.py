@@ -315,13 +315,12 @@ def _interrupted_message(trainer, out: Path) -> str:
 
 def _last_checkpoint_note(trainer, out: Path, needs_allocator: bool) -> str:
     """One line for a run that failed: where its last complete checkpoint is, and how to continue from it."""
-    step = trainer.state.global_step
+    done = f"training failed after optimizer step {trainer.state.global_step} of {trainer.state.max_steps}"
     last = checkpoints.last_complete_checkpoint(out, needs_allocator)
     if last is None:
-        return (f"training failed at optimizer step {step}, before its first checkpoint (one every "
-                f"{trainer.args.save_steps} optimizer steps)")
-    return (f"training failed at optimizer step {step}; the last complete checkpoint is {last}: once the cause is "
-            f"fixed, continue from it with: adalora train --output-dir {out} --resume")
+        return f"{done}, before its first checkpoint (one every {trainer.args.save_steps} optimizer steps)"
+    return (f"{done}; the last complete checkpoint is {last}: once the cause is fixed, continue from it with: "
+            f"adalora train --output-dir {out} --resume")
 
 
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,

@@ -165,9 +165,14 @@ def test_many_skipped_steps_in_a_row_stop_the_run(tiny_bert_dir, glue_dir, tmp_p
     proc = run_hooked(train_args(tiny_bert_dir, glue_dir, out, "lora", steps=40), ADALORA_TEST_CPU_LOSS_SCALING="1",
                       ADALORA_TEST_INF_GRAD_AT="3-40")
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
+    *_, note, error = proc.stderr.strip().splitlines()
+    assert error == (
         "adalora: error: fp16 loss scaling skipped 25 optimizer steps in a row (steps 3-27): the gradients are not "
         "finite at any scale; train with --precision bf16 or fp32, or lower --lr")
+    assert note == (  # a failed run names its last checkpoint (saved every 12 steps)
+        f"adalora: training failed after optimizer step 26 of 40; the last complete checkpoint is "
+        f"{out / rundir.CHECKPOINTS / 'checkpoint-24'}: once the cause is fixed, continue from it with: adalora train "
+        f"--output-dir {out} --resume")
     assert not (out / rundir.METRICS).exists()
 
 
