@@ -83,7 +83,7 @@ class RunConfig:
     logging_steps: int = 10
     save_steps: int | None = None  # None: a tenth of the run's optimizer steps, at most 500 (default_save_steps)
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto, fp32, bf16 or fp16 (devices.resolve_precision)
+    precision: str = "auto"  # auto, fp32, bf16 or fp16 (resolved per machine: compute_precision)
     eval_every: str | None = None  # evaluate during training: every N optimizer steps, or "epoch"
     keep_best: bool = False  # save the best evaluated adapter (at the final budget) instead of the last
     metric: str | None = None  # what --keep-best and --early-stopping follow; default: the task's main metric
@@ -106,6 +106,12 @@ class RunConfig:
         cfg = build_dataclass(method.config_cls, values, prefix=f"{method.name}.")
         cfg.validate()
         return cfg
+
+    def compute_precision(self):
+        """The run's precision resolved on this machine (`devices.Precision`): every command computes in it."""
+        from adalora_cli.devices import resolve_precision
+
+        return resolve_precision(self.precision, on_cpu=bool(self.trainer.get("use_cpu")))
 
     def task_settings(self) -> dict[str, Any]:
         """The settings handed to the task (`Task.with_settings`); tasks that have none ignore them."""

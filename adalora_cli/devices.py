@@ -85,13 +85,14 @@ def tf32_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def resolve_precision(requested: str) -> Precision:
-    """The precision a run uses on this machine: fp32, bf16 or fp16 (never auto), with TF32 where available."""
+def resolve_precision(requested: str, on_cpu: bool = False) -> Precision:
+    """The precision a run uses on this machine: fp32, bf16 or fp16 (never auto), with TF32 where available.
+    `on_cpu`: the run computes on the CPU although a GPU is there (`trainer.use_cpu`), so the GPU is not counted."""
     import torch
 
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not on_cpu
     name = requested
     if requested == "auto":
         name = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -101,7 +102,7 @@ def resolve_precision(requested: str) -> Precision:
     elif requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError(f"this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use --precision fp16 "
                         "(with loss scaling) or fp32")
-    return Precision(name, tf32_available())
+    return Precision(name, cuda and tf32_available())
 
 
 def autocast(precision: Precision | str, device):

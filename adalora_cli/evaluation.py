@@ -243,7 +243,7 @@ def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
     """Every evaluation set, metric names suffixed per set; features are built on first use and kept. Computes under
     `precision` (the run's, resolved once by the caller; default: resolved from `cfg`)."""
     metrics = {}
-    precision = precision or devices.resolve_precision(cfg.precision)
+    precision = precision or cfg.compute_precision()
     for eval_set in evals:
         if eval_set.features is None:
             eval_set.features = task.preprocess(eval_set.raw, tokenizer, max_length(cfg, task, tokenizer),
@@ -338,7 +338,7 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, None, rank)
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
     outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
-                           devices.resolve_precision(cfg.precision), progress=f"predicting {len(raw):,} rows")
+                           cfg.compute_precision(), progress=f"predicting {len(raw):,} rows")
     records = task.prediction_records(outputs, raw, features)
     if fmt == "glue":
         text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))

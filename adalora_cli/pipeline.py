@@ -171,7 +171,7 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
     method, method_cfg = get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
     tracking.check_installed(cfg.report_to)
-    return method, method_cfg, devices.resolve_precision(cfg.precision)
+    return method, method_cfg, cfg.compute_precision()
 
 
 @dataclass
