@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import rundir
 from adalora_cli.cli import app
-from conftest import train_tiny
+from conftest import ON_CPU, train_tiny
 
 runner = CliRunner()
 KINDS = {"bart": "seq2seq", "t5": "seq2seq", "gpt2": "causal"}
@@ -186,7 +186,7 @@ def test_a_generation_run_resumes_exactly(generators, question_generation, tmp_p
     def args(out):
         return ["train", "--task", "seq2seq", "--method", "adalora", "--model", generators["bart"], "--train-file",
                 question_generation["seq2seq-train"], "--validation-file", question_generation["seq2seq-dev"],
-                "--output-dir", out, "--budget", "4k", *SHORT, "--set", "save_steps=3", "--seed", "2"]
+                "--output-dir", out, "--budget", "4k", *SHORT, "--set", "save_steps=3", "--seed", "2", *ON_CPU]
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_in_process(args(reference))

@@ -15,7 +15,7 @@ import torch
 
 from adalora_cli import checkpoints, devices, files, rundir
 from adalora_cli.errors import UserError
-from conftest import train_tiny
+from conftest import ON_CPU, train_tiny
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def train_args(model, glue_dir, out, method, steps=12):
             "--output-dir", out, "--budget", "4k", "--max-steps", str(steps), "--batch-size", "8",
             "--max-train-samples", "64", "--max-eval-samples", "16", "--max-seq-length", "32",
             "--set", "save_steps=12", "--set", "adalora.t_init=6", "--set", "adalora.t_final=3",
-            "--set", "prilora.prune_interval=3"]
+            "--set", "prilora.prune_interval=3", *ON_CPU]  # fp16 loss scaling is emulated on the CPU
 
 
 @pytest.mark.parametrize("method", ["adalora", "prilora"])  # the allocators that keep statistics

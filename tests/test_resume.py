@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import checkpoints, files, rundir
 from adalora_cli.cli import app
+from conftest import ON_CPU
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def train_args(model, glue_dir, out, method):
     return ["train", "--task", "sst2", "--method", method, "--model", model, "--data-dir", glue_dir,
             "--output-dir", out, "--budget", "4k", "--max-steps", "12", "--batch-size", "8",
             "--max-train-samples", "64", "--max-eval-samples", "48", "--max-seq-length", "32", "--seed", "3",
-            "--set", "save_steps=3", "--set", "logging_steps=3", *SCHEDULES.get(method, [])]
+            "--set", "save_steps=3", "--set", "logging_steps=3", *ON_CPU, *SCHEDULES.get(method, [])]
 
 
 @pytest.mark.parametrize("method", list(SCHEDULES))
