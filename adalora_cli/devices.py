@@ -102,7 +102,7 @@ def resolve_precision(requested: str, on_cpu: bool = False) -> Precision:
     elif requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError(f"this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use --precision fp16 "
                         "(with loss scaling) or fp32")
-    return Precision(name, cuda and tf32_available())
+    return Precision(name, not on_cpu and tf32_available())
 
 
 def autocast(precision: Precision | str, device):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from adalora_cli import checkpoints, devices, files, rundir
+from adalora_cli.config import RunConfig
 from adalora_cli.errors import UserError
 from conftest import ON_CPU, train_tiny
 
@@ -40,6 +41,8 @@ def test_auto_precision_follows_the_device(monkeypatch):
     assert devices.resolve_precision("auto") == devices.Precision("bf16", tf32=True)
     assert devices.resolve_precision("fp32") == devices.Precision("fp32", tf32=True)
     assert devices.resolve_precision("auto").trainer_settings({}) == {"bf16": True, "fp16": False}
+    on_cpu = RunConfig(task="sst2", trainer={"use_cpu": True})  # trains on the CPU beside the GPU: as without one
+    assert on_cpu.compute_precision() == devices.Precision("fp32", tf32=False)
     fake_gpu(monkeypatch, bf16=False, capability=(7, 0))  # a V100: fp16 with loss scaling, no TF32
     assert devices.resolve_precision("auto") == devices.Precision("fp16", tf32=False)
     assert devices.resolve_precision("auto").trainer_settings({}) == {"bf16": False, "fp16": True}
