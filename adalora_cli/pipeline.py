@@ -121,7 +121,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     if not main:
         logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
     built = _build_model(cfg, task, method, method_cfg)
-    task = _resolve_task_settings(cfg, built.task, built.tokenizer)
+    task = built.task
+    _resolve_task_settings(cfg, task, built.tokenizer)
     train_features = task.preprocess(train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer), training=True)
 
     _lock_on_main(lock, main, args.device)
@@ -144,16 +145,15 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         lock.release()
 
 
-def _resolve_task_settings(cfg: RunConfig, task: Task, tokenizer) -> Task:
+def _resolve_task_settings(cfg: RunConfig, task: Task, tokenizer) -> None:
     """Write into `cfg` the task settings this run uses where they were left to their defaults (the sequence length
     capped by the tokenizer's limit, a generation task's target length and decoding), so that config.yaml records
-    them. The same values configure the task again, so the task returned is `task` itself."""
+    them; configured with them again, the task is the same."""
     if cfg.max_seq_length is None:  # a given length stays as given (resuming with the same options must match)
         cfg.max_seq_length = max_length(cfg, task, tokenizer)
     for key, value in task.resolved_settings().items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    return task
 
 
 def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
