@@ -217,3 +217,14 @@ def test_bf16_autocast_on_a_generation_run(generators, question_generation, tmp_
                "--output-dir", out, *SHORT, "--max-steps", "3", "--precision", "bf16")
     metrics = json.loads((out / rundir.METRICS).read_text())
     assert metrics["precision"] == "bf16" and metrics["eval"]["loss"] > 0
+
+
+def test_config_yaml_records_the_decoding_used(runs):
+    """A generation run's config.yaml holds the target length and decoding settings it used: those given (SHORT) and
+    the task's defaults for the rest (seq2seq: greedy), so that the file alone says how its texts were generated."""
+    import yaml
+
+    config = yaml.safe_load((runs("bart", "lora") / rundir.CONFIG).read_text())
+    assert config["max_target_length"] == 24 and config["max_new_tokens"] == 8  # given
+    assert config["num_beams"] == 1 and config["max_seq_length"] == 96 and config["lr"] == 1e-3  # resolved
+    assert config["length_penalty"] is None  # not a setting of this task's decoding: generate's own default
