@@ -114,6 +114,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
     if cfg.lr is None:  # defaults resolved here and below are written into config.yaml: it records the values used
         cfg.lr = method.default_lr
+    # counted from the examples, before tokenising (the Trainer's arguments come first); a task that cuts long
+    # examples into several windows (SQuAD) takes a few more steps, so its checkpoints come a little more often
     cfg.resolve_save_steps(len(train_raw), distributed.world_size())
     args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr, precision, method.adapter,
                               task)  # starts DDP if launched
