@@ -78,7 +78,9 @@ class StopSignals:
 
     Spot instances and cluster schedulers send SIGTERM before they take a machine away. The handler only
     records the signal; the Trainer acts on it at the next optimizer-step boundary (`AdapterTrainer`), so the
-    checkpoint holds a complete step. A second Ctrl-C while that happens aborts at once (KeyboardInterrupt).
+    checkpoint holds a complete step. A signal after the last step's check stops the run as well when that step is
+    checkpointed (`pipeline._stop_after_late_signal`). A second Ctrl-C while that happens aborts at once
+    (KeyboardInterrupt).
     Handlers can only be installed from the main thread; elsewhere nothing is installed.
     """
 
