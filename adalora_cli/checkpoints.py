@@ -161,8 +161,10 @@ def resume_point(cfg, needs_allocator: bool) -> Path:
                         f"{_shown(old)}; resume with the run's settings (drop the option) or start a new run")
     checkpoint = last_complete_checkpoint(out, needs_allocator)
     if checkpoint is None:
+        every = f"save_steps={cfg.save_steps} optimizer steps" if cfg.save_steps is not None else \
+            "tenth of the run's optimizer steps"
         raise UserError(f"--resume: no complete checkpoint in {out / rundir.CHECKPOINTS} (one is written every "
-                        f"save_steps={cfg.save_steps} optimizer steps); start the run again with --overwrite")
+                        f"{every}); start the run again with --overwrite")
     return checkpoint
 
 

@@ -10,6 +10,7 @@ Unknown keys and values of the wrong type are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ TASK_SETTINGS = ("doc_stride", "n_best", "max_answer_length", "null_threshold", 
                  "source_column", "target_column", "prompt_column", "completion_column", "max_target_length",
                  "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+MAX_SAVE_STEPS = 500  # the longest default checkpoint interval, in optimizer steps
+
+
+def default_save_steps(optimizer_steps: int) -> int:
+    """The default checkpoint interval: a tenth of the run's optimizer steps (at least 1, at most 500), so that a
+    crash loses at most a tenth of a short run."""
+    return max(1, min(MAX_SAVE_STEPS, math.ceil(optimizer_steps / 10)))
 
 
 @dataclass
@@ -73,9 +81,9 @@ class RunConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     logging_steps: int = 10
-    save_steps: int = 500
+    save_steps: int | None = None  # None: a tenth of the run's optimizer steps, at most 500 (default_save_steps)
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto, fp32, bf16 or fp16 (devices.resolve_precision)
+    precision: str = "auto"  # auto, fp32, bf16 or fp16 (resolved per machine: compute_precision)
     eval_every: str | None = None  # evaluate during training: every N optimizer steps, or "epoch"
     keep_best: bool = False  # save the best evaluated adapter (at the final budget) instead of the last
     metric: str | None = None  # what --keep-best and --early-stopping follow; default: the task's main metric
@@ -98,6 +106,12 @@ class RunConfig:
         cfg = build_dataclass(method.config_cls, values, prefix=f"{method.name}.")
         cfg.validate()
         return cfg
+
+    def compute_precision(self):
+        """The run's precision resolved on this machine (`devices.Precision`): every command computes in it."""
+        from adalora_cli.devices import resolve_precision
+
+        return resolve_precision(self.precision, on_cpu=bool(self.trainer.get("use_cpu")))
 
     def task_settings(self) -> dict[str, Any]:
         """The settings handed to the task (`Task.with_settings`); tasks that have none ignore them."""
@@ -140,6 +154,22 @@ class RunConfig:
             raise UserError(f"unknown --report-to {self.report_to!r}; choose one of: {', '.join(REPORT_TO)}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise UserError(f"data directory {self.data_dir} does not exist; pass the folder that holds the task's files")
+
+    def optimizer_steps(self, train_rows: int, processes: int = 1) -> int:
+        """The optimizer steps training takes, counted as the Trainer counts them: --max-steps, else the epochs over
+        `train_rows` in batches of batch_size per process, gradient_accumulation_steps batches per step."""
+        if self.max_steps:
+            return self.max_steps
+        batches = math.ceil(train_rows / (self.batch_size * processes))
+        return math.ceil(self.epochs * max(1, math.ceil(batches / self.gradient_accumulation_steps)))
+
+    def resolve_save_steps(self, train_rows: int, processes: int = 1) -> None:
+        """Fill in the default checkpoint interval: with --keep-best every evaluation step (each evaluation is
+        checkpointed), else default_save_steps of the run's length. A given save_steps stays."""
+        if self.save_steps is None:
+            steps = self.eval_steps()
+            self.save_steps = steps if self.keep_best and isinstance(steps, int) else \
+                default_save_steps(self.optimizer_steps(train_rows, processes))
 
     def eval_steps(self) -> int | str | None:
         """--eval-every as the Trainer wants it: a step count, "epoch", or None (no evaluation during training)."""

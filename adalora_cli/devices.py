@@ -3,12 +3,17 @@
 Master weights (the base model, adapters, optimizer state, allocator statistics) are always float32; mixed
 precision is autocast around the forward pass (bf16, or fp16 with loss scaling), never half-precision
 parameters. `auto` picks bf16 on GPUs that have it (Ampere and newer), fp16 on older GPUs, fp32 on CPUs.
+
+A run's precision is resolved once per command into a `Precision` (autocast dtype and TF32), and every command
+computes under it the same way: training, evaluation during and after training, `adalora eval` and `adalora
+predict`. So `metrics.json` and `eval.json` come from the same arithmetic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from adalora_cli.errors import UserError
 
@@ -19,47 +24,93 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_KEYS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "half_precision_backend")
 
 
-def resolve_precision(requested: str) -> str:
-    """The precision a run uses on this machine: fp32, bf16 or fp16 (never auto)."""
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: `name` is fp32, bf16 or fp16 (never auto); `tf32` whether float32 matmuls run on
+    TF32 tensor cores (GPUs of compute capability 8 and newer: the float32 parts of every mode)."""
+
+    name: str
+    tf32: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def autocast_dtype(self):
+        """The autocast dtype of the forward pass, or None (fp32: no autocast)."""
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    def trainer_settings(self, trainer: dict) -> dict:
+        """TrainingArguments fields for this precision: the autocast flags. TF32 is not handed to the Trainer
+        (it would switch it on for the rest of the process, and only in training): `applied` sets it."""
+        clash = sorted(key for key in PRECISION_KEYS if key in trainer)
+        if clash:
+            raise UserError(f"trainer.{clash[0]} is set by --precision {{{', '.join(PRECISIONS)}}}; drop "
+                            f"trainer.{clash[0]} and pass --precision instead")
+        return {"bf16": self.name == "bf16", "fp16": self.name == "fp16"}
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The process-wide float32 matmul setting of this precision (TF32 or not), restored on exit."""
+        import torch
+
+        wanted = "high" if self.tf32 else "highest"  # "high": TF32 tensor cores for float32 matmuls
+        try:
+            before = torch.get_float32_matmul_precision()
+        except RuntimeError:  # set through torch's per-backend API by other code: put back the default
+            before = "highest"
+        torch.set_float32_matmul_precision(wanted)
+        try:
+            yield self
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    @contextlib.contextmanager
+    def computing(self, device):
+        """What a forward pass outside the Trainer runs under (evaluation, prediction): `applied` and the
+        autocast of this precision on `device`, as training's forward."""
+        import torch
+
+        dtype = self.autocast_dtype()
+        with self.applied(), (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
+                              else contextlib.nullcontext()):
+            yield
+
+
+def tf32_available() -> bool:
+    """Whether this machine's GPU has TF32 tensor cores (compute capability 8.0 and newer: Ampere, Hopper...)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve_precision(requested: str, on_cpu: bool = False) -> Precision:
+    """The precision a run uses on this machine: fp32, bf16 or fp16 (never auto), with TF32 where available.
+    `on_cpu`: the run computes on the CPU although a GPU is there (`trainer.use_cpu`), so the GPU is not counted."""
     import torch
 
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not on_cpu
+    name = requested
     if requested == "auto":
-        if not cuda:
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and not cuda:
+        name = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif requested == "fp16" and not cuda:
         raise UserError("--precision fp16 needs a CUDA GPU (its loss scaling runs there); on this machine use "
                         "--precision bf16 or fp32")
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    elif requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError(f"this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use --precision fp16 "
                         "(with loss scaling) or fp32")
-    return requested
+    return Precision(name, not on_cpu and tf32_available())
 
 
-def trainer_settings(precision: str, trainer: dict) -> dict:
-    """TrainingArguments fields for `precision` (resolved): autocast dtype, and TF32 matmuls on Ampere+."""
-    import torch
-
-    clash = sorted(key for key in PRECISION_KEYS if key in trainer)
-    if clash:
-        raise UserError(f"trainer.{clash[0]} is set by --precision {{{', '.join(PRECISIONS)}}}; drop "
-                        f"trainer.{clash[0]} and pass --precision instead")
-    settings = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
-        settings["tf32"] = True  # float32 matmuls on tensor cores: the fp32 parts of a mixed-precision step
-    return settings
-
-
-def autocast(precision: str, device):
-    """The autocast context of `precision` on `device` (evaluation runs under the same one as training)."""
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def autocast(precision: Precision | str, device):
+    """The context a forward pass outside the Trainer runs in: `Precision.computing` (TF32 setting and autocast,
+    as in training). A plain name (fp32, bf16, fp16) means that precision without TF32 (benchmark scripts)."""
+    if isinstance(precision, str):
+        precision = Precision(precision)
+    return precision.computing(device)
 
 
 def keep_one_gpu(args) -> None:

@@ -175,10 +175,10 @@ def features_for(task: Task, raw, tokenizer, max_seq_length: int, training: bool
     return features, cut
 
 
-def model_outputs(model, features, tokenizer, batch_size: int, precision: str = "fp32", progress: str | None = None):
+def model_outputs(model, features, tokenizer, batch_size: int, precision: devices.Precision | str = "fp32",
+                  progress: str | None = None):
     """The model's outputs (all but the loss) over `features`, in order, as float32 numpy arrays, computed under
     the autocast of `precision` (resolved); with `progress`, a progress bar of that title on stderr."""
-    from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
     columns = [c for c in tokenizer.model_input_names if c in features.column_names]
@@ -188,12 +188,19 @@ def model_outputs(model, features, tokenizer, batch_size: int, precision: str = 
     outputs: list[tuple[np.ndarray, ...]] = []
     starts = range(0, len(features), batch_size)
     with torch.no_grad(), devices.autocast(precision, device):
-        for start in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr, unit="batch"):
+        for start in _progress(starts, progress):
             rows = features[start:start + batch_size]
             batch = collate([{c: rows[c][i] for c in columns} for i in range(len(rows[columns[0]]))])
             result = model(**{k: v.to(device) for k, v in batch.items()})
             outputs.append(tuple(v.float().cpu().numpy() for k, v in result.items() if k != "loss"))
     return tuple(_concat_padded([o[i] for o in outputs]) for i in range(len(outputs[0]))) if outputs else ()
+
+
+def _progress(batches, title: str | None):
+    """`batches` with a progress bar of that title on stderr, drawn only on a terminal (none in a log file)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=title, disable=title is None or not sys.stderr.isatty(), file=sys.stderr, unit="batch")
 
 
 def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
@@ -205,13 +212,12 @@ def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
                                   constant_values=-np.inf) for a in arrays])
 
 
-def generation_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: str = "fp32",
+def generation_outputs(model, features, tokenizer, task: Task, batch_size: int,
+                       precision: devices.Precision | str = "fp32",
                        generate: bool = True, progress: str | None = None) -> dict[str, Any]:
     """What a generation task is scored on: the summed token loss of the labelled rows and its token count
     (teacher forcing), and the text `generate` writes for every row with the task's settings (each distinct
     input generated once: E2E's meaning representations have several references)."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     causal = task.model_kind == "causal-lm"
     pad = _pad_id(tokenizer)
@@ -230,7 +236,7 @@ def generation_outputs(model, features, tokenizer, task: Task, batch_size: int, 
             written = {}
             settings = decoding(model, tokenizer, task)
             starts = range(0, len(distinct), batch_size)
-            for start in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr, unit="batch"):
+            for start in _progress(starts, progress):
                 chunk = distinct[start:start + batch_size]
                 for ids, text in zip(chunk, _generate(model, tokenizer, chunk, settings, causal, device)):
                     written[ids] = text
@@ -306,7 +312,8 @@ def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, c
     return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 
-def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: str, generate: bool = True,
+def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: devices.Precision,
+                 generate: bool = True,
                  progress: str | None = None):
     """What the task is scored on: generated text for generation tasks, one forward's outputs for the others."""
     if task.generates:
@@ -314,10 +321,12 @@ def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precis
     return model_outputs(model, features, tokenizer, batch_size, precision, progress)
 
 
-def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig) -> dict[str, float]:
-    """Every evaluation set, metric names suffixed per set; features are built on first use and kept."""
+def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
+             precision: devices.Precision | None = None) -> dict[str, float]:
+    """Every evaluation set, metric names suffixed per set; features are built on first use and kept. Computes under
+    `precision` (the run's, resolved once by the caller; default: resolved from `cfg`)."""
     metrics = {}
-    precision = devices.resolve_precision(cfg.precision)
+    precision = precision or cfg.compute_precision()
     for eval_set in evals:
         if eval_set.features is None:
             eval_set.features, eval_set.truncated = features_for(task, eval_set.raw, tokenizer,
@@ -434,7 +443,7 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     task = task.with_settings(**given)
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
     outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
-                           devices.resolve_precision(cfg.precision), progress=f"predicting {len(raw):,} rows")
+                           cfg.compute_precision(), progress=f"predicting {len(raw):,} rows")
     records = task.prediction_records(outputs, raw, features)
     if fmt == "glue":
         text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))

@@ -15,7 +15,7 @@ import torch
 
 from adalora_cli import checkpoints, devices, distributed, files, models, rundir, tracking
 from adalora_cli.budget import format_count
-from adalora_cli.config import RunConfig, dump_yaml
+from adalora_cli.config import MAX_SAVE_STEPS, RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 from adalora_cli.evaluation import (EvalSet, configured_task, decoding, evaluate, features_for, max_length,
                                     quiet_datasets, read_data, require_hub)
@@ -27,9 +27,9 @@ logger = logging.getLogger("adalora_cli")
 LOGS = "logs"  # the trackers' folder inside the run directory
 
 
-def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: str, adapter: bool,
+def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: devices.Precision, adapter: bool,
                        task: Task | None = None):
-    """The Trainer's arguments for a run; `precision` is resolved (fp32, bf16 or fp16)."""
+    """The Trainer's arguments for a run (`cfg.save_steps` resolved, else the longest default interval)."""
     from transformers import TrainingArguments
 
     settings: dict[str, Any] = dict(
@@ -44,14 +44,14 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: s
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_steps or MAX_SAVE_STEPS,
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
         logging_nan_inf_filter=False,  # a host sync per micro-batch; AdapterTrainer checks the loss once per step
-        **devices.trainer_settings(precision, cfg.trainer),
+        **precision.trainer_settings(cfg.trainer),
     )
     if adapter:  # every adapter and head parameter takes part in every forward: skip DDP's search per step
         settings["ddp_find_unused_parameters"] = False
@@ -62,7 +62,7 @@ def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: s
         name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
             else "gradient_checkpointing"
         settings.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
-    if not torch.cuda.is_available() and (distributed.world_size() > 1 or precision == "bf16"):
+    if not torch.cuda.is_available() and (distributed.world_size() > 1 or precision.name == "bf16"):
         settings["use_cpu"] = True  # torchrun or bf16 autocast on CPUs: without it the Trainer refuses them
     settings.update(cfg.trainer)
     try:
@@ -122,13 +122,19 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     require_hub(cfg)
     models.task_config(cfg.model, configured_task(cfg), cfg.trust_remote_code)  # refuses a misfit before reading data
     task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
-    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr or method.default_lr, precision,
-                              method.adapter, task)  # starts DDP if launched
+    if cfg.lr is None:  # defaults resolved here and below are written into config.yaml: it records the values used
+        cfg.lr = method.default_lr
+    # counted from the examples, before tokenising (the Trainer's arguments come first); a task that cuts long
+    # examples into several windows (SQuAD) takes a few more steps, so its checkpoints come a little more often
+    cfg.resolve_save_steps(len(train_raw), distributed.world_size())
+    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr, precision, method.adapter,
+                              task)  # starts DDP if launched
     main = args.process_index == 0
     if not main:
         logger.setLevel(logging.WARNING)  # one copy of the progress lines: the main process's
     built = _build_model(cfg, task, method, method_cfg)
     task = built.task
+    _resolve_task_settings(cfg, task, built.tokenizer)
     train_features, train_cut = features_for(task, train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer),
                                              True, "training data")
 
@@ -142,14 +148,26 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
                 rundir.reset_output_dir(out)
                 dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
         distributed.barrier()
-        trainer = _make_trainer(cfg, task, evals, built, method, method_cfg, args, train_features, resume_from)
-        runtime = _train(trainer, resume_from, out, method)
+        trainer = _make_trainer(cfg, task, evals, built, method, method_cfg, args, train_features, resume_from,
+                                precision)
+        runtime = _train(trainer, resume_from, out, method, precision)
         if not main:
             return None
         return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
                            train_cut)
     finally:
         lock.release()
+
+
+def _resolve_task_settings(cfg: RunConfig, task: Task, tokenizer) -> None:
+    """Write into `cfg` the task settings this run uses where they were left to their defaults (the sequence length
+    capped by the tokenizer's limit, a generation task's target length and decoding), so that config.yaml records
+    them; configured with them again, the task is the same."""
+    if cfg.max_seq_length is None:  # a given length stays as given (resuming with the same options must match)
+        cfg.max_seq_length = max_length(cfg, task, tokenizer)
+    for key, value in task.resolved_settings().items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
 
 
 def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
@@ -167,7 +185,7 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
     method, method_cfg = get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
     tracking.check_installed(cfg.report_to)
-    return method, method_cfg, devices.resolve_precision(cfg.precision)
+    return method, method_cfg, cfg.compute_precision()
 
 
 @dataclass
@@ -221,7 +239,7 @@ def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
 
 
 def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: BuiltModel, method, method_cfg, args,
-                  train_features, resume_from: Path | None):
+                  train_features, resume_from: Path | None, precision: devices.Precision):
     from adalora_cli.training import AdapterTrainer, AllocationCallback, EarlyStopping
 
     allocation = None
@@ -245,46 +263,83 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
         callbacks=callbacks,
         regulariser=regulariser,
         allocation=allocation,
-        evaluator=lambda: evaluate(built.model, built.tokenizer, task, evals, cfg) if cfg.eval_every else None,
+        evaluator=lambda: evaluate(built.model, built.tokenizer, task, evals, cfg, precision) if cfg.eval_every
+        else None,
     )
 
 
-def _train(trainer, resume_from: Path | None, out: Path, method) -> float:
-    """Run the Trainer; returns the training time in seconds. Stops cleanly on SIGTERM / Ctrl-C."""
+def _train(trainer, resume_from: Path | None, out: Path, method, precision: devices.Precision) -> float:
+    """Run the Trainer under the run's precision; returns the training time in seconds. Stops cleanly on SIGTERM /
+    Ctrl-C; on any other failure the log names the last complete checkpoint."""
     from adalora_cli.training import NonFiniteLoss, StopSignals
 
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
+    needs_allocator = method.make_allocator is not None
     started = time.time()
     try:
-        with StopSignals() as signals:
+        with precision.applied(), StopSignals() as signals:
             trainer.stop_signals = signals
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except NonFiniteLoss as exc:
         _close_progress_bars(trainer)
-        raise TrainingFailed(_divergence_message(exc, out, method.make_allocator is not None)) from None
-    except (TrainingFailed, KeyboardInterrupt):
-        _close_progress_bars(trainer)
-        raise
+        raise TrainingFailed(_divergence_message(exc, out, needs_allocator)) from None
     except pickle.UnpicklingError as exc:  # the Trainer loads optimizer, scheduler and RNG with weights_only=True
         if resume_from is None:
             raise
         raise UserError(f"--resume: {resume_from} holds a file that is not plain tensors ({str(exc).splitlines()[0]}); "
                         "it was not loaded: remove that checkpoint folder and resume from an earlier one") from None
+    except BaseException as exc:  # a crash, an error, a second Ctrl-C: say what is left to resume from
+        _close_progress_bars(trainer)
+        if trainer.is_world_process_zero() and not isinstance(exc, UserError):  # a user error is its one line
+            logger.warning(_last_checkpoint_note(trainer, out, needs_allocator))
+        raise
+    _stop_after_late_signal(trainer, signals, out, needs_allocator)
     if trainer.stopped_by is not None:
         raise Interrupted(_interrupted_message(trainer, out), 143 if trainer.stopped_by == "SIGTERM" else 130)
+    if trainer.is_world_process_zero():
+        last = checkpoints.last_complete_checkpoint(out, needs_allocator)
+        logger.info("training done; last checkpoint: %s", last if last is not None else "none")
     return result.metrics.get("train_runtime", time.time() - started)
 
 
+def _stop_after_late_signal(trainer, signals, out: Path, needs_allocator: bool) -> None:
+    """A signal that came after the last optimizer step's check (training had ended on its own) stops the run like
+    one during training, when the final step is in a complete checkpoint (--resume then only finishes the run);
+    otherwise the run finishes. Only the main process acts on it: the others have nothing left to do."""
+    if trainer.stopped_by is not None or signals.name is None or not trainer.is_world_process_zero():
+        return
+    last = checkpoints.last_complete_checkpoint(out, needs_allocator)
+    if last is not None and last.name == f"checkpoint-{trainer.state.global_step}":
+        trainer.stopped_by = signals.name
+    else:
+        logger.warning("%s arrived after the last optimizer step, which no checkpoint holds: finishing the run",
+                       signals.name)
+
+
 def _interrupted_message(trainer, out: Path) -> str:
-    step = trainer.state.global_step
+    step, total = trainer.state.global_step, trainer.state.max_steps
     checkpoint = out / rundir.CHECKPOINTS / f"checkpoint-{step}"
-    return (f"stopped by {trainer.stopped_by} after optimizer step {step} of {trainer.state.max_steps}; checkpoint "
-            f"{checkpoint} holds the run; continue it with: adalora train --output-dir {out} --resume")
+    resume = f"adalora train --output-dir {out} --resume"
+    if step >= total:
+        return (f"stopped by {trainer.stopped_by} after the last optimizer step ({step} of {total}): training is "
+                f"complete and checkpoint {checkpoint} holds it; write the run folder and evaluate with: {resume}")
+    return (f"stopped by {trainer.stopped_by} after optimizer step {step} of {total}; checkpoint "
+            f"{checkpoint} holds the run; continue it with: {resume}")
+
+
+def _last_checkpoint_note(trainer, out: Path, needs_allocator: bool) -> str:
+    """One line for a run that failed: where its last complete checkpoint is, and how to continue from it."""
+    done = f"training failed after optimizer step {trainer.state.global_step} of {trainer.state.max_steps}"
+    last = checkpoints.last_complete_checkpoint(out, needs_allocator)
+    if last is None:
+        return f"{done}, before its first checkpoint (one every {trainer.args.save_steps} optimizer steps)"
+    return (f"{done}; the last complete checkpoint is {last}: once the cause is fixed, continue from it with: "
+            f"adalora train --output-dir {out} --resume")
 
 
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
-                precision: str, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
+                precision: devices.Precision, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
     `train_cut` counts the training rows whose inputs / targets were cut to fit (`evaluation.features_for`)."""
     out = Path(cfg.output_dir)
@@ -312,12 +367,12 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
         "nonzero_adapter_params": int(sum(layer.nonzero_count() for layer in layers.values())) if method.adapter
         else int(adapter_params),
         "steps": int(trainer.state.global_step),
-        "precision": precision,
+        "precision": precision.name,
         "train_runtime_s": round(float(runtime), 2),
     }
     if cfg.keep_best:
         metrics["best"] = _best(cfg, task, trainer)
-    metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg)
+    metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg, precision)
     metrics["truncated"] = {"train": train_cut, **{e.name: e.truncated for e in evals}}
     if task.generates:
         metrics["decoding"] = decoding(model, built.tokenizer, task)

@@ -79,7 +79,9 @@ class StopSignals:
 
     Spot instances and cluster schedulers send SIGTERM before they take a machine away. The handler only
     records the signal; the Trainer acts on it at the next optimizer-step boundary (`AdapterTrainer`), so the
-    checkpoint holds a complete step. A second Ctrl-C while that happens aborts at once (KeyboardInterrupt).
+    checkpoint holds a complete step. A signal after the last step's check stops the run as well when that step is
+    checkpointed (`pipeline._stop_after_late_signal`). A second Ctrl-C while that happens aborts at once
+    (KeyboardInterrupt).
     Handlers can only be installed from the main thread; elsewhere nothing is installed.
     """
 
@@ -209,6 +211,14 @@ class AdapterTrainer(Trainer):
         ours."""
         with models.no_progress_bars():
             return super().train(*args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        """Nothing left to train (a run resumed from the checkpoint of its last step, stopped before it wrote its
+        folder): the Trainer would still take one more optimizer step, as it checks for the end only after a step.
+        Skipping the epoch leaves the checkpoint's state as it is; the Trainer then ends training as usual."""
+        if self.state.global_step >= self.state.max_steps:
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     @property
     def loss_scaling(self) -> bool:

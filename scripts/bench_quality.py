@@ -57,7 +57,7 @@ def run_peft_adalora(job: dict, args) -> dict:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
 
-    from adalora_cli import devices, models
+    from adalora_cli import models
     from adalora_cli.budget import parse_budget
     from adalora_cli.config import RunConfig
     from adalora_cli.inject import find_targets
@@ -97,13 +97,14 @@ def run_peft_adalora(job: dict, args) -> dict:
         def on_optimizer_step(self, args_, state, control, **kwargs):
             model.base_model.update_and_allocate(state.global_step)
 
-    precision = devices.resolve_precision(cfg.precision)
+    precision = cfg.compute_precision()
     arguments = training_arguments(cfg, Path(job["out"]) / "checkpoints", method.default_lr, precision, adapter=True)
     trainer = Trainer(model=model, args=arguments,
                       train_dataset=features, data_collator=DataCollatorWithPadding(tokenizer),
                       processing_class=tokenizer, callbacks=[Allocate()])
     started = time.time()
-    trainer.train()
+    with precision.applied():  # TF32 as in our runs' training
+        trainer.train()
     kept = 0
     for module in model.modules():
         if hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
@@ -111,7 +112,7 @@ def run_peft_adalora(job: dict, args) -> dict:
             kept += rank * (module.in_features + module.out_features + 1)
     metrics = {"task": task.name, "method": "peft-adalora", "model": cfg.model, "budget": budget,
                "adapter_params": kept, "steps": trainer.state.global_step,
-               "train_runtime_s": round(time.time() - started, 2), "eval": evaluate(model, tokenizer, task, evals, cfg)}
+               "train_runtime_s": round(time.time() - started, 2), "eval": evaluate(model, tokenizer, task, evals, cfg, precision)}
     Path(job["out"], "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

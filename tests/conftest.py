@@ -92,6 +92,18 @@ def glue_dir() -> Path:
     return GLUE_DIR
 
 
+# Train on the CPU even where there is a GPU: for tests that compare runs bit for bit or against the CPU's float
+# rounding, or emulate GPU features on the CPU. The precision then resolves as on a machine without a GPU.
+ON_CPU = ("--set", "trainer.use_cpu=true")
+
+
+def auto_precision() -> str:
+    """What `--precision auto` resolves to on this machine (the suite runs on CPU-only and on CUDA machines)."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def train_tiny(method: str, *args: str) -> None:
     """`adalora train --method METHOD ARGS` in-process, with a 4k budget for adapter methods unless ARGS give
     one; fails the test unless it succeeds."""

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import rundir, training
 from adalora_cli.cli import app
+from conftest import ON_CPU
 
 runner = CliRunner()
 ON_OPTIMIZER_STEP = training.AllocationCallback.on_optimizer_step
@@ -39,7 +40,8 @@ def train(model, glue_dir, out, batch_size, accumulation, monkeypatch):
             "--output-dir", str(out), "--budget", "4k", "--max-steps", "24", "--batch-size", str(batch_size),
             "--gradient-accumulation-steps", str(accumulation), "--max-train-samples", "768",
             "--max-eval-samples", "64", "--max-seq-length", "32", "--lr", "5e-3", "--set", "save_steps=1000",
-            "--set", "adalora.t_init=4", "--set", "adalora.t_final=8", "--set", "adalora.delta_t=2"]
+            "--set", "adalora.t_init=4", "--set", "adalora.t_final=8", "--set", "adalora.delta_t=2",
+            *ON_CPU]  # compared to the CPU's float32 rounding
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     return steps, json.loads((out / rundir.RANK_HISTORY).read_text())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from adalora_cli.config import make_config
+from adalora_cli.config import RunConfig, make_config
 from adalora_cli.errors import UserError
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import get_task
@@ -71,3 +71,24 @@ def test_bad_yaml_files(tmp_path):
         make_config(listing)
     with pytest.raises(UserError, match="does not exist"):
         make_config(tmp_path / "missing.yaml")
+
+
+def test_the_default_checkpoint_interval_scales_with_the_run():
+    """A tenth of the optimizer steps, at least 1 and at most 500: a 300-step run checkpoints every 30 steps (before,
+    every 500: a crash lost all of it); --keep-best checkpoints at every evaluation; a given save_steps stays."""
+    from adalora_cli.config import default_save_steps
+
+    assert [default_save_steps(n) for n in (1, 6, 16, 300, 4999, 5000, 100_000)] == [1, 1, 2, 30, 500, 500, 500]
+    cfg = RunConfig(task="sst2", epochs=3, batch_size=32, gradient_accumulation_steps=2)
+    # 67,349 SST-2 rows: 2,105 batches of 32 (the last one short), 1,053 optimizer steps per epoch, 3,159 in all
+    assert cfg.optimizer_steps(67_349) == 3_159
+    assert cfg.optimizer_steps(67_349, processes=4) == 3 * 264  # 527 batches per process, 264 steps each epoch
+    cfg.resolve_save_steps(67_349)
+    assert cfg.save_steps == 316
+    assert RunConfig(task="sst2", max_steps=300).optimizer_steps(10) == 300
+    best = RunConfig(task="sst2", max_steps=300, eval_every="25", keep_best=True)
+    best.resolve_save_steps(1000)
+    assert best.save_steps == 25
+    given = RunConfig(task="sst2", max_steps=300, save_steps=7)
+    given.resolve_save_steps(1000)
+    assert given.save_steps == 7

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import checkpoints, rundir
 from adalora_cli.cli import app
+from conftest import ON_CPU
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,12 @@ def train_args(model, glue_dir, out, method, batch_size, *extra):
             "--output-dir", out, "--budget", "4k", "--max-steps", "10", "--batch-size", batch_size,
             "--max-train-samples", "96", "--max-eval-samples", "32", "--max-seq-length", "32",
             "--set", "save_steps=5", "--set", "adalora.t_init=2", "--set", "adalora.t_final=3",
-            "--set", "adalora.delta_t=1", "--set", "prilora.prune_interval=2", *extra]
+            "--set", "adalora.delta_t=1", "--set", "prilora.prune_interval=2", *ON_CPU, *extra]  # gloo on CPUs
 
 
 def torchrun(args, trace: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "ADALORA_TEST_TRACE": str(trace)}
+           "ADALORA_TEST_TRACE": str(trace), "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes, also beside a GPU
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(HOOKED_CLI), *map(str, args)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

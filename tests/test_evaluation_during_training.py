@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import files, rundir
 from adalora_cli.cli import app
+from conftest import ON_CPU
 
 runner = CliRunner()
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
@@ -81,7 +82,7 @@ def run_hooked(command, **env):
 
 
 def test_keep_best_and_early_stopping_survive_resume(tiny_bert_dir, glue_dir, tmp_path):
-    extra = ("--eval-every", 2, "--keep-best", "--early-stopping", 2)
+    extra = ("--eval-every", 2, "--keep-best", "--early-stopping", 2, *ON_CPU)  # compared bit for bit
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert run_hooked(args(tiny_bert_dir, glue_dir, reference, "adalora", *extra)).returncode == 0
     killed = run_hooked(args(tiny_bert_dir, glue_dir, resumed, "adalora", *extra), ADALORA_TEST_KILL_AFTER_SAVE="10")

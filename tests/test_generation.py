@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import rundir
 from adalora_cli.cli import app
-from conftest import train_tiny
+from conftest import ON_CPU, train_tiny
 
 runner = CliRunner()
 KINDS = {"bart": "seq2seq", "t5": "seq2seq", "gpt2": "causal"}
@@ -211,7 +211,7 @@ def test_a_generation_run_resumes_exactly(generators, question_generation, tmp_p
     def args(out):
         return ["train", "--task", "seq2seq", "--method", "adalora", "--model", generators["bart"], "--train-file",
                 question_generation["seq2seq-train"], "--validation-file", question_generation["seq2seq-dev"],
-                "--output-dir", out, "--budget", "4k", *SHORT, "--set", "save_steps=3", "--seed", "2"]
+                "--output-dir", out, "--budget", "4k", *SHORT, "--set", "save_steps=3", "--seed", "2", *ON_CPU]
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_in_process(args(reference))
@@ -417,3 +417,14 @@ def test_predict_on_a_file_without_the_source_column_lists_its_columns(tmp_path)
     with pytest.raises(UserError, match=r"has no column 'document' \(columns: article, notes\); pick one with "
                                         "--source-column"):
         task.prediction_inputs(path)
+
+
+def test_config_yaml_records_the_decoding_used(runs):
+    """A generation run's config.yaml holds the target length and decoding settings it used: those given (SHORT) and
+    the task's defaults for the rest (seq2seq: greedy), so that the file alone says how its texts were generated."""
+    import yaml
+
+    config = yaml.safe_load((runs("bart", "lora") / rundir.CONFIG).read_text())
+    assert config["max_target_length"] == 24 and config["max_new_tokens"] == 8  # given
+    assert config["num_beams"] == 1 and config["max_seq_length"] == 96 and config["lr"] == 1e-3  # resolved
+    assert config["length_penalty"] is None  # not a setting of this task's decoding: generate's own default

@@ -263,7 +263,8 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
                                                   str(e.write("test.tsv", "sentence\tlabel\nfine\t1\n"))],
                                        "use --rank B with --input"),
     # precision
-    "precision: fp16 on a CPU": (lambda e: e.train("--precision", "fp16"), "fp16 needs a CUDA GPU"),
+    "precision: fp16 on a CPU": (lambda e: e.train("--precision", "fp16", "--set", "trainer.use_cpu=true"),
+                                 "fp16 needs a CUDA GPU"),
     "precision: unknown": (lambda e: e.train("--precision", "fp8"), "unknown precision 'fp8'"),
     "precision: set through trainer.*": (lambda e: e.train("--set", "trainer.bf16=true"),
                                          "trainer.bf16 is set by --precision"),

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import checkpoints, files, rundir
 from adalora_cli.cli import app
-from conftest import train_tiny
+from conftest import auto_precision, train_tiny
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_float16_checkpoint_trains_with_float32_master_weights(deberta_run):
         assert dtypes == {torch.float32}, (what, dtypes)
     ipt = [v for k, v in saved["allocator statistics"].items() if k.startswith("ipt")]
     assert ipt and all(torch.isfinite(v).all() for v in ipt) and any(v.abs().sum() > 0 for v in ipt)
-    assert json.loads((deberta_run / rundir.METRICS).read_text())["precision"] == "fp32"
+    assert json.loads((deberta_run / rundir.METRICS).read_text())["precision"] == auto_precision()
 
 
 def test_deberta_v3_run_evaluates_and_exports(deberta_run, tmp_path):

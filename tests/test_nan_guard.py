@@ -18,7 +18,7 @@ from adalora_cli import files, rundir
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.training import AdapterTrainer, NonFiniteLoss
-from conftest import tiny_model
+from conftest import ON_CPU, tiny_model
 from test_training import synthetic_rows
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
@@ -29,7 +29,8 @@ def test_nan_loss_through_the_cli(tiny_bert_dir, glue_dir, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--task", "sst2", "--method", "adalora", "--model", tiny_bert_dir, "--data-dir", str(glue_dir),
             "--output-dir", str(out), "--budget", "4k", "--max-steps", "12", "--batch-size", "8",
-            "--max-train-samples", "64", "--max-eval-samples", "16", "--max-seq-length", "32", "--set", "save_steps=2"]
+            "--max-train-samples", "64", "--max-eval-samples", "16", "--max-seq-length", "32", "--set", "save_steps=2",
+            *ON_CPU]  # the guard of runs without loss scaling (auto on an older GPU would be fp16)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ADALORA_TEST_NAN_AT_STEP": "7"}
     proc = subprocess.run([sys.executable, str(HOOKED_CLI), *args], capture_output=True, text=True, env=env)
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from adalora_cli import files, rundir
 from adalora_cli.cli import app
 from adalora_cli.methods import available_methods, get_method
-from conftest import train_tiny
+from conftest import auto_precision, train_tiny
 
 runner = CliRunner()
 
@@ -41,7 +41,8 @@ def test_train_then_eval_reproduces_metrics(tiny_bert_dir, glue_dir, tmp_path, m
                             "precision", "train_runtime_s", "eval", "truncated"}
     assert metrics["truncated"] == {"train": sst2_cut(tiny_bert_dir, glue_dir, "train.tsv", 64),
                                     "validation": sst2_cut(tiny_bert_dir, glue_dir, "dev.tsv", 48)}
-    assert metrics["steps"] == 6 and metrics["precision"] == "fp32"  # auto on a CPU and set(metrics["eval"]) == {"accuracy"}
+    assert metrics["steps"] == 6 and metrics["precision"] == auto_precision()
+    assert set(metrics["eval"]) == {"accuracy"}
     for name in (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.HEAD, rundir.RANK_PATTERN, rundir.TRAIN_LOG):
         assert (out / name).is_file(), name
     assert (out / rundir.TOKENIZER).is_dir()
@@ -106,3 +107,43 @@ def test_rank_options_need_an_any_rank_method(tiny_bert_dir, glue_dir, tmp_path)
     train(tiny_bert_dir, glue_dir, out, "lora")
     result = runner.invoke(app, ["eval", str(out), "--rank", "2"])
     assert result.exit_code == 2 and "need an adapter trained for any rank" in result.stderr
+
+
+def test_config_yaml_records_the_values_used(tiny_bert_dir, glue_dir, tmp_path):
+    """Defaults are written resolved into config.yaml: the method's learning rate, the task's sequence length capped
+    by the tokenizer's limit (100 here, under SST-2's 128), and the checkpoint interval scaled to the run (64 rows in
+    batches of 4, one epoch: 16 optimizer steps, a checkpoint every 2). `adalora eval` reproduces the metrics from it,
+    and from the same config written the old way, with nulls. (Before, config.yaml held lr: null, max_seq_length:
+    null, and every run checkpointed every 500 steps: this one would have kept no checkpoint.)"""
+    import shutil
+
+    import yaml
+
+    from adalora_cli.config import from_dict
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 100}))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--task", "sst2", "--method", "lora", "--model", str(model), "--data-dir",
+                                 str(glue_dir), "--output-dir", str(out), "--budget", "4k", "--epochs", "1",
+                                 "--batch-size", "4", "--max-train-samples", "64", "--max-eval-samples", "48"])
+    assert result.exit_code == 0, result.stderr
+    config = yaml.safe_load((out / rundir.CONFIG).read_text())
+    assert config["lr"] == get_method("lora").default_lr == 1e-3
+    assert config["max_seq_length"] == 100 and config["save_steps"] == 2
+    metrics = json.loads((out / rundir.METRICS).read_text())
+    assert metrics["steps"] == 16 == from_dict(config).optimizer_steps(64)  # counted as the Trainer counts
+    checkpoints = sorted((out / rundir.CHECKPOINTS).iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-14", "checkpoint-16"]  # every 2 steps; the last two kept
+    assert f"training done; last checkpoint: {out / rundir.CHECKPOINTS / 'checkpoint-16'}" in result.stderr
+
+    assert runner.invoke(app, ["eval", str(out)]).exit_code == 0
+    assert json.loads((out / "eval.json").read_text())["eval"] == pytest.approx(metrics["eval"], abs=1e-6)
+    (out / "eval.json").unlink()
+    old = {**config, "lr": None, "max_seq_length": None, "save_steps": None, "num_beams": None}
+    (out / rundir.CONFIG).write_text(yaml.safe_dump(old, sort_keys=False))
+    result = runner.invoke(app, ["eval", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "eval.json").read_text())["eval"] == pytest.approx(metrics["eval"], abs=1e-6)

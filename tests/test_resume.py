@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from adalora_cli import checkpoints, files, rundir
 from adalora_cli.cli import app
+from conftest import ON_CPU
 
 HOOKED_CLI = Path(__file__).with_name("hooked_cli.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def train_args(model, glue_dir, out, method):
     return ["train", "--task", "sst2", "--method", method, "--model", model, "--data-dir", glue_dir,
             "--output-dir", out, "--budget", "4k", "--max-steps", "12", "--batch-size", "8",
             "--max-train-samples", "64", "--max-eval-samples", "48", "--max-seq-length", "32", "--seed", "3",
-            "--set", "save_steps=3", "--set", "logging_steps=3", *SCHEDULES.get(method, [])]
+            "--set", "save_steps=3", "--set", "logging_steps=3", *ON_CPU, *SCHEDULES.get(method, [])]
 
 
 @pytest.mark.parametrize("method", list(SCHEDULES))
@@ -166,3 +167,32 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tiny_bert_dir, glue_dir,
     assert (out / rundir.METRICS).is_file() and (out / rundir.ADAPTER).is_file()
     # the lock is released at the end: the next run may write the folder
     assert files.RunLock(out).holder() is None
+
+
+@pytest.mark.parametrize("after_step", [11, 12])  # between the last two optimizer steps, and after the last one
+def test_sigterm_at_the_end_of_training_stops_and_resume_finishes_the_run(tiny_bert_dir, glue_dir, tmp_path,
+                                                                         after_step):
+    """A SIGTERM that lands when every optimizer step is done (or the last is in progress): the last step is
+    checkpointed, the process exits 143 with one line saying training is complete and that --resume writes the run
+    folder; the resumed run trains no further step and equals the uninterrupted one. (Before, a signal after the
+    last step was ignored, and one between the last two steps ended with no word that training was complete.)"""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    run_in_process(train_args(tiny_bert_dir, glue_dir, reference, "adalora"))
+
+    proc = run_cli(train_args(tiny_bert_dir, glue_dir, stopped, "adalora"),
+                   ADALORA_TEST_SIGNAL_AT_STEP=f"{after_step}:TERM")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    checkpoint = stopped / rundir.CHECKPOINTS / "checkpoint-12"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"adalora: stopped by SIGTERM after the last optimizer step (12 of 12): training is complete and checkpoint "
+        f"{checkpoint} holds it; write the run folder and evaluate with: adalora train --output-dir {stopped} "
+        "--resume")
+    assert "Traceback" not in proc.stderr
+    assert checkpoints.last_complete_checkpoint(stopped, True) == checkpoint
+    assert not (stopped / rundir.METRICS).exists()
+
+    again = run_cli(["train", "--output-dir", stopped, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in again.stderr
+    assert_same_run(stopped, reference)
+    assert json.loads((stopped / rundir.METRICS).read_text())["steps"] == 12

@@ -57,6 +57,11 @@ class Task:
         applied, as a copy: registered tasks stay untouched. Tasks without such settings ignore them."""
         return self
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """The task-specific settings (RunConfig keys) this configured task uses, its defaults filled in, for the
+        run's config.yaml to record; configuring the task with them again changes nothing. None by default."""
+        return {}
+
     def config_overrides(self) -> dict[str, Any]:
         """Extra fields for the model config (problem type, label names)."""
         return {}

@@ -123,6 +123,10 @@ class GenerationTask(UserDataTask):
             return {**BEAM_SEARCH, **settings}
         return {key: value for key, value in settings.items() if key not in BEAM_SEARCH}
 
+    def resolved_settings(self) -> dict[str, Any]:
+        decoding = {key: value for key, value in self.generation.items() if key in GENERATION_SETTINGS}
+        return {"max_target_length": self.max_target_length, **decoding}
+
     @property
     def plain_lm(self) -> bool:
         """`--task causal-lm` with only a text column: language modelling, no target to generate."""
