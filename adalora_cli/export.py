@@ -82,7 +82,7 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         elif fmt == "peft":
             write_peft(tmp, saved, task, model, layers, factors, base_model or base_model_name(cfg.model))
         else:
-            write_merged(tmp, model, layers, factors, tokenizer)
+            write_merged(tmp, model, layers, factors, tokenizer, _decoding(model, tokenizer, task))
         _publish(tmp, out)
     except BaseException:
         if tmp is not None:
@@ -231,11 +231,25 @@ def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> No
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
 
 
-def write_merged(folder: Path, model, layers: dict[str, Any], factors: dict[str, Any], tokenizer) -> None:
+def _decoding(model, tokenizer, task) -> dict[str, Any] | None:
+    """The decoding the run was evaluated with (`evaluation.decoding`), for a task that generates."""
+    from adalora_cli.evaluation import decoding
+
+    return decoding(model, tokenizer, task) if task.generates else None
+
+
+def write_merged(folder: Path, model, layers: dict[str, Any], factors: dict[str, Any], tokenizer,
+                 decoding: dict[str, Any] | None = None) -> None:
     """A folder `AutoModelFor*.from_pretrained` and `AutoTokenizer.from_pretrained` load with no adapter
-    library: the merged weights, the config (with the task's labels) and the tokenizer."""
+    library: the merged weights, the config (with the task's labels) and the tokenizer. A generator's
+    generation_config.json holds `decoding`, the settings the run was evaluated with, not the base checkpoint's
+    (whose min_length or beam settings would otherwise decide what `generate` writes)."""
+    from transformers import GenerationConfig
+
     from adalora_cli.models import no_progress_bars
 
+    if decoding is not None:
+        model.generation_config = GenerationConfig(**decoding)
     merge_adapters(model, layers, factors)
     for p in model.parameters():
         p.requires_grad_(False)

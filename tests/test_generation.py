@@ -428,3 +428,25 @@ def test_config_yaml_records_the_decoding_used(runs):
     assert config["max_target_length"] == 24 and config["max_new_tokens"] == 8  # given
     assert config["num_beams"] == 1 and config["max_seq_length"] == 96 and config["lr"] == 1e-3  # resolved
     assert config["length_penalty"] is None  # not a setting of this task's decoding: generate's own default
+
+
+def test_a_merged_generator_carries_the_runs_decoding(runs, tmp_path):
+    """The merged export's generation_config.json is the decoding the run was evaluated with (metrics.json
+    "decoding"), not the base checkpoint's, so `generate` on the plain model writes what `adalora predict` writes."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    run = runs("bart", "lora")
+    result = runner.invoke(app, ["export-adapter", str(run), "--format", "merged", "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.stderr
+    decoding = json.loads((run / rundir.METRICS).read_text())["decoding"]
+    shipped = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert {key: shipped.get(key) for key in decoding} == decoding
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        written = model.generate(**tokenizer(PROMPTS[:1], return_tensors="pt"))
+    predicted = tmp_path / "prompt.jsonl"
+    predicted.write_text(json.dumps({"source": PROMPTS[0]}) + "\n")
+    ours = runner.invoke(app, ["predict", str(run), "--input", str(predicted)])
+    assert ours.exit_code == 0, ours.stderr
+    assert tokenizer.decode(written[0], skip_special_tokens=True).strip() == json.loads(ours.stdout)["text"]
