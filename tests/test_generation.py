@@ -78,12 +78,15 @@ def test_train_eval_predict_and_export(runs, question_generation, tmp_path, arch
     assert config["task_type"] == ("CAUSAL_LM" if causal else "SEQ_2_SEQ_LM")
     assert config["fan_in_fan_out"] == (arch == "gpt2")  # GPT-2's Conv1D stores its weight transposed
     auto = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
+    merged_model = auto.from_pretrained(tmp_path / "merged").eval()
     loaded = rundir.load_run(run)
+    # one decoding for the three (the run's, which the merged export ships): the weights are what is compared
+    loaded.model.generation_config = merged_model.generation_config
     ours = greedy(loaded.model, loaded.tokenizer, causal)
     base = auto.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    base.generation_config = merged_model.generation_config
     untrained = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     theirs = greedy(PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval(), loaded.tokenizer, causal)
-    merged_model = auto.from_pretrained(tmp_path / "merged").eval()
     merged = greedy(merged_model, loaded.tokenizer, causal)
     assert torch.equal(ours, theirs) and torch.equal(ours, merged)
     # the agreement is not that of three untouched models: the trained update is in the merged weights
