@@ -159,10 +159,6 @@ def inject_adapters(model: nn.Module, method: Method, cfg: MethodConfig, plan: R
     return layers
 
 
-def is_head_parameter(name: str) -> bool:
-    return any(part in HEAD_MODULES for part in name.split("."))
-
-
 def mark_trainable(model: nn.Module, method: Method, head_names: set[str]) -> tuple[int, int]:
     """Freeze everything but the adapter and the task head (full fine-tuning: train everything).
 
