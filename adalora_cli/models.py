@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 from adalora_cli.errors import UserError
 from adalora_cli.inject import HEAD_MODULES
 
-DEFAULT_MODEL = "microsoft/deberta-v3-base"
 
 class Embedded(NamedTuple):
     """A checkpoint that ships inside a Python package, for offline use."""
