@@ -246,8 +246,6 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
     if method.make_allocator is not None:
         allocation = AllocationCallback(
             lambda steps: method.make_allocator(built.layers, method_cfg, built.plan, steps), resume_from=resume_from)
-    elif method.needs_allocator:
-        raise RuntimeError(f"method {method.name} needs an allocator")
     regulariser = method.regulariser(list(built.layers.values()), method_cfg) if method.regulariser else None
     callbacks = tracking.callbacks(cfg.report_to, Path(cfg.output_dir) / LOGS)
     metric = selection_metric(cfg, task)
