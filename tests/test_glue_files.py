@@ -102,7 +102,7 @@ def test_metric_names(task_name):
     else:
         labels = np.arange(2 * len(task.spec.labels)) % len(task.spec.labels)
         logits = np.eye(len(task.spec.labels))[labels]
-    metrics = task.compute_metrics(logits, {"label": labels}, None)
+    metrics = task.compute_metrics((logits,), {"label": labels}, None)
     assert metrics == pytest.approx({name: 1.0 for name in METRICS[task_name]})
 
 
@@ -147,7 +147,7 @@ def test_mnli_reads_matched_and_mismatched_dev_sets(mnli_dir):
     assert evals[1].raw["premise"][2] == "猫が寝ている。" and evals[1].raw["label"] == [0, 2, 1, 0]
     # the names evaluation writes into metrics.json: accuracy (matched) and accuracy_mm (mismatched)
     names = [name + e.suffix for e in evals for name in task.compute_metrics(
-        np.eye(3)[np.array(e.raw["label"])], e.raw, None)]
+        (np.eye(3)[np.array(e.raw["label"])],), e.raw, None)]
     assert names == ["accuracy", "accuracy_mm"]
 
 

@@ -129,7 +129,8 @@ class Task:
         raise NotImplementedError
 
     def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
-        """Metrics from the model's raw outputs over `features` (built from `raw`)."""
+        """Metrics from the model's raw outputs over `features` (built from `raw`): `evaluation.task_outputs`, a
+        tuple of arrays (logits first) for a forward's outputs, generated text for a task that `generates`."""
         raise NotImplementedError
 
 

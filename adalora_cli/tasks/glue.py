@@ -183,8 +183,7 @@ class GlueTask(Task):
 
     def compute_metrics(self, predictions, raw, features):
         labels = np.asarray(raw["label"])
-        logits = predictions[0] if isinstance(predictions, tuple) else predictions
-        return glue_metrics(self.spec.metrics, np.asarray(logits), labels)
+        return glue_metrics(self.spec.metrics, np.asarray(predictions[0]), labels)
 
     # -- predictions -----------------------------------------------------------------------------------
 
@@ -207,7 +206,7 @@ class GlueTask(Task):
     def prediction_records(self, predictions, raw, features):
         from adalora_cli.tasks.text import classification_records
 
-        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        logits = np.asarray(predictions[0])
         if self.spec.labels is None:
             return [{"value": float(v)} for v in logits.reshape(-1)]
         return classification_records(logits, list(self.spec.labels))

@@ -159,7 +159,7 @@ class TextTask(UserDataTask):
         return raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names)
 
     def compute_metrics(self, predictions, raw, features):
-        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        logits = np.asarray(predictions[0])
         labels = self.label_ids(raw)
         if self.regression:
             return regression_metrics(logits.reshape(-1), labels)
@@ -176,7 +176,7 @@ class TextTask(UserDataTask):
         return raw, row_ids(columns)
 
     def prediction_records(self, predictions, raw, features) -> list[dict[str, Any]]:
-        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        logits = np.asarray(predictions[0])
         if self.regression:
             return [{"value": float(v)} for v in logits.reshape(-1)]
         return classification_records(logits, self.label_names)
