@@ -341,23 +341,14 @@ def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
 
 # -- adalora eval ----------------------------------------------------------------------------------------
 
-def _check_rank(saved, method, rank: int | None, sweep: bool) -> int:
-    """The run's r_max, after checking that a chosen rank can be used."""
-    if (rank is not None or sweep) and not method.any_rank:
-        raise UserError(f"--rank and --rank-sweep need an adapter trained for any rank (dylora); "
-                        f"this run used {saved.method}")
-    r_max = max(saved.rank_pattern().values(), default=0)
-    if rank is not None and not 1 <= rank <= r_max:
-        raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
-    return r_max
-
-
 def _load_for_inference(run: Path, data_dir: str | None, rank: int | None, sweep: bool = False):
     """(the loaded run, its r_max): the model on the GPU when there is one, at `rank` when given; checked first."""
     from adalora_cli.methods import get_method
 
     saved = rundir.read_adapter_config(rundir.require_run(run))
-    r_max = _check_rank(saved, get_method(saved.method), rank, sweep)
+    if rank is not None or sweep:
+        saved.require_any_rank(get_method(saved.method), "--rank and --rank-sweep need")
+    r_max = saved.r_max(rank)
     loaded = rundir.load_run(run, data_dir)
     if torch.cuda.is_available():
         loaded.model.to("cuda")

@@ -113,13 +113,10 @@ def lora_factors(layers: dict[str, Any], rank: int | None = None) -> dict[str, A
 
 def _check_rank(saved, method, fmt: str, rank: int) -> None:
     """A chosen rank needs an any-rank adapter, a rank it holds, and a format that can store a truncation."""
-    if not method.any_rank:
-        raise UserError(f"--rank needs an adapter trained for any rank (dylora); this run used {saved.method}")
+    saved.require_any_rank(method, "--rank needs")
     if fmt == "native":
         raise UserError("a native export keeps the run's whole adapter; use --rank with --format peft or merged")
-    r_max = max(saved.rank_pattern().values(), default=0)
-    if not 1 <= rank <= r_max:
-        raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
+    saved.r_max(rank)
 
 
 # -- native ----------------------------------------------------------------------------------------------

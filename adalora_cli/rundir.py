@@ -71,6 +71,19 @@ class SavedAdapter:
     def rank_pattern(self) -> dict[str, int]:
         return {name: info["rank"] for name, info in self.modules.items()}
 
+    def require_any_rank(self, method, options: str) -> None:
+        """Choosing a rank (`options`: what the user passed, with its verb: "--rank needs") at eval, predict or
+        export time needs an adapter trained for any rank."""
+        if not method.any_rank:
+            raise UserError(f"{options} an adapter trained for any rank (dylora); this run used {self.method}")
+
+    def r_max(self, rank: int | None = None) -> int:
+        """The run's largest rank, after checking that a chosen `rank` lies in 1..r_max."""
+        r_max = max(self.rank_pattern().values(), default=0)
+        if rank is not None and not 1 <= rank <= r_max:
+            raise UserError(f"rank {rank} is outside 1..{r_max} (the run's r_max); choose a rank in that range")
+        return r_max
+
 
 def is_run(path: Path) -> bool:
     path = Path(path)
