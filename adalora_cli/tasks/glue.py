@@ -16,6 +16,7 @@ import numpy as np
 
 from adalora_cli.errors import UserError
 from adalora_cli.tasks import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts, register_task
+from adalora_cli.tasks.classification import classification_records
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -204,8 +205,6 @@ class GlueTask(Task):
         return to_dataset(rows), row_ids(columns)
 
     def prediction_records(self, predictions, raw, features):
-        from adalora_cli.tasks.text import classification_records
-
         logits = np.asarray(predictions[0])
         if self.spec.labels is None:
             return [{"value": float(v)} for v in logits.reshape(-1)]

@@ -24,6 +24,7 @@ import numpy as np
 from adalora_cli.data import pick_column, read_table, to_dataset
 from adalora_cli.errors import UserError
 from adalora_cli.tasks import EvalSplit, UserDataTask, TRUNCATED_INPUT, encode_counting_cuts, register_task
+from adalora_cli.tasks.classification import classification_metrics, classification_records, regression_metrics
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1")
 PAIR_COLUMNS = ("text_pair", "sentence2")
@@ -208,34 +209,6 @@ def class_names(values) -> list[str]:
             names.setdefault(label_key(value), str(value))
     numeric = all(isinstance(key, float) for key in names)
     return [names[key] for key in sorted(names, key=lambda k: k if numeric else names[k])]
-
-
-def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    metrics = {"accuracy": float(accuracy_score(labels, predicted)),
-               "macro_f1": float(f1_score(labels, predicted, average="macro", labels=list(range(num_classes)),
-                                          zero_division=0))}
-    if num_classes == 2:
-        metrics["f1"] = float(f1_score(labels, predicted, pos_label=1, zero_division=0))
-    return metrics
-
-
-def regression_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-
-    constant = np.ptp(scores) == 0 or np.ptp(labels) == 0  # correlations are undefined: report 0
-    return {"pearson": 0.0 if constant else float(pearsonr(scores, labels)[0]),
-            "spearmanr": 0.0 if constant else float(spearmanr(scores, labels)[0]),
-            "mse": float(np.mean((scores - labels) ** 2))}
-
-
-def classification_records(logits: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """Per row: the predicted class name and the softmax probability of every class."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-    return [{"label": names[int(row.argmax())], "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)}}
-            for row in probabilities]
 
 
 register_task(TextTask("text-classification", regression=False))
