@@ -9,6 +9,7 @@ matched and mismatched dev sets).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -104,6 +105,25 @@ def test_metric_names(task_name):
         logits = np.eye(len(task.spec.labels))[labels]
     metrics = task.compute_metrics((logits,), {"label": labels}, None)
     assert metrics == pytest.approx({name: 1.0 for name in METRICS[task_name]})
+
+
+def test_stsb_correlations_of_a_constant_prediction_are_zero_not_nan():
+    """A model that predicts one score for every pair (early in training, or collapsed) has no defined correlation:
+    STS-B reports 0 for Pearson and Spearman, as text-regression does, without NaN or SciPy's warning. Scores that
+    vary still give the reference correlations."""
+    task = get_task("stsb")
+    labels = np.array([0.0, 1.2, 2.5, 3.8, 5.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert task.compute_metrics((np.full((5, 1), 2.5),), {"label": labels}, None) == {"pearson": 0.0,
+                                                                                          "spearmanr": 0.0}
+        assert task.compute_metrics((labels.reshape(-1, 1),), {"label": np.full(5, 3.0)}, None) == {
+            "pearson": 0.0, "spearmanr": 0.0}
+    scores = np.array([0.3, 0.9, 3.1, 2.9, 4.4])
+    metrics = task.compute_metrics((scores.reshape(-1, 1),), {"label": labels}, None)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731  (no ties here)
+    assert metrics == pytest.approx({"pearson": np.corrcoef(scores, labels)[0, 1],
+                                     "spearmanr": np.corrcoef(ranks(scores), ranks(labels))[0, 1]})
 
 
 # -- files too large for the shared folder, written in their exact layout -----------------------------------

@@ -19,13 +19,18 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_classe
     return metrics
 
 
-def regression_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def correlations(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman; 0 where one side is constant (a model predicting one score for every row), since the
+    correlations are undefined there and SciPy would give NaN with a warning."""
     from scipy.stats import pearsonr, spearmanr
 
-    constant = np.ptp(scores) == 0 or np.ptp(labels) == 0  # correlations are undefined: report 0
-    return {"pearson": 0.0 if constant else float(pearsonr(scores, labels)[0]),
-            "spearmanr": 0.0 if constant else float(spearmanr(scores, labels)[0]),
-            "mse": float(np.mean((scores - labels) ** 2))}
+    if np.ptp(scores) == 0 or np.ptp(labels) == 0:
+        return {"pearson": 0.0, "spearmanr": 0.0}
+    return {"pearson": float(pearsonr(scores, labels)[0]), "spearmanr": float(spearmanr(scores, labels)[0])}
+
+
+def regression_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {**correlations(scores, labels), "mse": float(np.mean((scores - labels) ** 2))}
 
 
 def classification_records(logits: np.ndarray, names: list[str]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from adalora_cli.errors import UserError
 from adalora_cli.tasks import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts, register_task
-from adalora_cli.tasks.classification import classification_records
+from adalora_cli.tasks.classification import classification_records, correlations
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -220,12 +220,10 @@ class GlueTask(Task):
 
 def glue_metrics(names: tuple[str, ...], logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """GLUE's metrics, computed offline with scikit-learn and SciPy."""
-    from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     if "pearson" in names:
-        scores = logits.reshape(-1)
-        return {"pearson": float(pearsonr(scores, labels)[0]), "spearmanr": float(spearmanr(scores, labels)[0])}
+        return correlations(logits.reshape(-1), labels)
     predicted = logits.argmax(axis=-1)
     metrics = {}
     if "accuracy" in names:
