@@ -22,6 +22,7 @@ from typing import Any
 
 from adalora_cli import files, rundir
 from adalora_cli.errors import UserError
+from adalora_cli.heads import HEAD_MODULES
 
 FORMATS = ("native", "peft", "merged")
 
@@ -140,8 +141,6 @@ def head_modules(head_params: list[str]) -> list[str]:
     A parameter under a task-head module (`classifier`, `qa_outputs`, ...) or a pooler names that module;
     any other head parameter (a layer the checkpoint lacked) names the module that owns it.
     """
-    from adalora_cli.inject import HEAD_MODULES
-
     modules = []
     for param in head_params:
         parts = param.split(".")

@@ -16,6 +16,7 @@ from torch import nn
 
 from adalora_cli.budget import Target
 from adalora_cli.errors import UserError
+from adalora_cli.heads import HEAD_MODULES
 from adalora_cli.linear import is_linear, linear_dims
 from adalora_cli.methods.base import AdapterLinear, Method, MethodConfig, RankPlan
 
@@ -75,9 +76,6 @@ PRESETS: dict[str, Preset] = {
 MATRIX_KINDS = ("Wq", "Wk", "Wv", "Wqkv", "Wo", "Cq", "Ck", "Cv", "Co", "Wg", "Wf1", "Wf2")
 ENCODER_KINDS = ("Wq", "Wk", "Wv", "Wo", "Wf1", "Wf2")  # the six matrices of an encoder block
 
-# Modules that belong to the task head: they train with every method and are saved with the adapter.
-# (A pooler trains too when the checkpoint lacks it, as DeBERTa's does: see models.load_model.)
-HEAD_MODULES = ("classifier", "score", "qa_outputs")
 _NEVER_TARGETS = HEAD_MODULES + ("pooler", "lm_head")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from adalora_cli.errors import UserError
-from adalora_cli.inject import HEAD_MODULES
+from adalora_cli.heads import HEAD_MODULES
 
 
 class Embedded(NamedTuple):
