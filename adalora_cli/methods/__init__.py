@@ -1,36 +1,12 @@
-"""The method registry: `register_method`, `get_method`, `available_methods`.
+"""The adaptation methods, one file each, and their registry (`registry.py`), re-exported here:
+`register_method`, `get_method`, `available_methods`.
 
-Each method lives in one file of this package and registers itself when imported.
+Each method file registers itself with `methods.registry` when imported; this package imports them all below.
 """
 
 from __future__ import annotations
 
-from adalora_cli.errors import UserError
-from adalora_cli.methods.base import Method
+from adalora_cli.methods.registry import available_methods, get_method, register_method
+from adalora_cli.methods import adalora, dylora, full, lora, prilora  # noqa: F401  (each registers itself)
 
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    if method.name in _METHODS or method.name != method.name.lower():
-        raise ValueError(f"bad or duplicate method name {method.name!r}")
-    if method.needs_allocator and method.make_allocator is None:
-        raise ValueError(f"method {method.name!r} needs an allocator but provides none")
-    if method.adapter and (method.plan is None or method.make_layer is None or method.initial_scaling is None):
-        raise ValueError(f"adapter method {method.name!r} must provide plan, make_layer and initial_scaling")
-    _METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}") from None
-
-
-def available_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-from adalora_cli.methods import adalora, dylora, full, lora, prilora  # noqa: E402,F401  (each registers itself)
+__all__ = ["available_methods", "get_method", "register_method"]

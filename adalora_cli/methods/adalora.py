@@ -34,7 +34,7 @@ from torch import nn
 
 from adalora_cli.budget import Target, check_capacity, component_cost, format_count
 from adalora_cli.errors import UserError
-from adalora_cli.methods import register_method
+from adalora_cli.methods.registry import register_method
 from adalora_cli.methods.base import AdapterLinear, Allocator, LoraFactors, Method, MethodConfig, RankPlan
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from torch import nn
 
 from adalora_cli.budget import Target, largest_uniform_rank
 from adalora_cli.errors import UserError
-from adalora_cli.methods import register_method
+from adalora_cli.methods.registry import register_method
 from adalora_cli.methods.base import AdapterLinear, Allocator, LoraFactors, Method, MethodConfig, RankPlan
 
 MODES = ("nonfrozen", "frozen")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adalora_cli.methods import register_method
+from adalora_cli.methods.registry import register_method
 from adalora_cli.methods.base import Method, MethodConfig
 
 
