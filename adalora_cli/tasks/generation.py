@@ -24,8 +24,8 @@ from typing import Any
 
 from adalora_cli.data import pick_column, read_table, row_ids, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import (TRUNCATED_INPUT, TRUNCATED_TARGET, EvalSplit, UserDataTask, encode_counting_cuts,
-                               register_task)
+from adalora_cli.tasks.base import TRUNCATED_INPUT, TRUNCATED_TARGET, EvalSplit, UserDataTask, encode_counting_cuts
+from adalora_cli.tasks.registry import register_task
 from adalora_cli.tasks.text_metrics import ROUGE, bleu, chrf, rouge
 
 KINDS = ("seq2seq-lm", "causal-lm")

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts, register_task
+from adalora_cli.tasks.base import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts
 from adalora_cli.tasks.classification import classification_records, correlations
+from adalora_cli.tasks.registry import register_task
 
 HUB_DATASET = "nyu-mll/glue"
 

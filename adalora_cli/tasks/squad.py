@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import Task, register_task
+from adalora_cli.tasks.base import Task
+from adalora_cli.tasks.registry import register_task
 from adalora_cli.tasks.squad_eval import best_null_thresholds, squad_v1_scores, squad_v2_scores
 
 NULL_INDEX = 0  # the no-answer position: the first token, [CLS] (<s> for RoBERTa) for every preset architecture

@@ -23,8 +23,9 @@ import numpy as np
 
 from adalora_cli.data import pick_column, read_table, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks import EvalSplit, UserDataTask, TRUNCATED_INPUT, encode_counting_cuts, register_task
+from adalora_cli.tasks.base import EvalSplit, UserDataTask, TRUNCATED_INPUT, encode_counting_cuts
 from adalora_cli.tasks.classification import classification_metrics, classification_records, regression_metrics
+from adalora_cli.tasks.registry import register_task
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1")
 PAIR_COLUMNS = ("text_pair", "sentence2")

@@ -1,0 +1,216 @@
+"""The task interface: `Task` (each task knows its data, its preprocessing and its metrics, and nothing of methods),
+`UserDataTask` for tasks on the user's files or a hub dataset, and the helpers task files share (truncation
+columns, `encode_counting_cuts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adalora_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One evaluation set; `suffix` is appended to its metric names (MNLI mismatched: `_mm`)."""
+
+    split: str
+    suffix: str = ""
+
+
+class Task:
+    """Interface of a task. Subclasses fill the attributes and implement the methods.
+
+    Data sources: `files` maps a split ("train", or an eval split's name) to a local file, and
+    `data_dir` is a folder in the original distribution's layout; with neither, the hub is used.
+    """
+
+    name: str
+    model_kind: str  # key of models.MODEL_CLASSES
+    num_labels: int
+    default_max_seq_length: int = 128
+    train_split: str = "train"
+    eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
+    metric_names: tuple[str, ...] = ()
+    generates = False  # evaluated on generated text (evaluation.generation_outputs), not on one forward's outputs
+
+    @property
+    def main_metric(self) -> str:
+        """The metric that --keep-best and --early-stopping follow unless --metric names another."""
+        return self.metric_names[0]
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """The columns that name a row's input. Rows sharing them (a text labelled twice, a source with several
+        references, the questions of one SQuAD article) are held out together, so that no held-out input was
+        trained on. Empty: every row is an input of its own."""
+        return ()
+
+    @staticmethod
+    def greater_is_better(metric: str) -> bool:
+        return metric not in ("mse", "loss", "perplexity")
+
+    def with_settings(self, **settings: Any) -> "Task":
+        """This task with a run's task-specific settings (RunConfig.task_settings: doc stride, n-best...)
+        applied, as a copy: registered tasks stay untouched. Tasks without such settings ignore them."""
+        return self
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """The task-specific settings (RunConfig keys) this configured task uses, its defaults filled in, for the
+        run's config.yaml to record; configuring the task with them again changes nothing. None by default."""
+        return {}
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Extra fields for the model config (problem type, label names)."""
+        return {}
+
+    @property
+    def model_advice(self) -> str | None:
+        """The models that fit this task, for error messages that suggest another --model; None: any model with the
+        task's head (the embedded MiniLM-L6 among them)."""
+        return None
+
+    def for_model(self, config) -> "Task":
+        """This task for a model with this config: generation tasks take their model kind from it (and refuse a
+        model that cannot generate); the others are the same for every model."""
+        return self
+
+    def collator(self, tokenizer):
+        """Pads a list of features into a training batch."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def local_path(self, split: str, data_dir: Path | None, files: dict[str, Path]) -> Path | None:
+        """The local file a split is read from, or None to use the hub."""
+        raise NotImplementedError
+
+    def check_sources(self, data_dir: Path | None, files: dict[str, Path]) -> None:
+        """Fail early, before any model is loaded, when a local file is missing."""
+        for split in [self.train_split] + [e.split for e in self.eval_splits]:
+            path = self.local_path(split, data_dir, files)
+            if path is not None and not path.is_file():
+                raise UserError(f"{self.name}: {split} file {path} does not exist; check --data-dir or the file options")
+
+    def load(self, split: str, data_dir: Path | None, files: dict[str, Path]):
+        """The raw split as a `datasets.Dataset`."""
+        raise NotImplementedError
+
+    def hub_dataset(self, data_dir: Path | None, files: dict[str, Path], splits: list[str]) -> tuple[str, str | None] | None:
+        """(name, configuration) of the hub dataset the task would read `splits` from with these sources, or None
+        when every one of them is local."""
+        return None
+
+    def has_hub_split(self, split: str) -> bool:
+        """Whether the task's hub data holds `split` (when it does not, a share of the training data is held out)."""
+        return True
+
+    def settings_from_data(self, raw, source: str) -> dict[str, Any]:
+        """Settings read off the training data (columns, class names) for the run's config; none by default."""
+        return {}
+
+    def check_rows(self, raw, source: str, labelled: bool = True) -> None:
+        """Fail with one line on rows the task cannot use (empty text, unknown label); nothing by default."""
+
+    def prediction_inputs(self, path: Path):
+        """(rows to predict as a `datasets.Dataset` of the task's input columns, their ids) from a file."""
+        raise NotImplementedError
+
+    def prediction_records(self, predictions, raw, features) -> list[dict[str, Any]]:
+        """One JSON-able record per row of `raw` for `adalora predict` (without the id)."""
+        raise NotImplementedError
+
+    def preprocess(self, raw, tokenizer, max_seq_length: int, training: bool):
+        """Model features as a `datasets.Dataset`: inputs and labels for training, inputs plus whatever
+        `compute_metrics` needs for evaluation (extra columns are not fed to the model). A task that cuts rows to
+        fit adds the 0/1 columns `TRUNCATED_INPUT` / `TRUNCATED_TARGET`, which `take_truncation` counts and removes."""
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
+        """Metrics from the model's raw outputs over `features` (built from `raw`): `evaluation.task_outputs`, a
+        tuple of arrays (logits first) for a forward's outputs, generated text for a task that `generates`."""
+        raise NotImplementedError
+
+
+class UserDataTask(Task):
+    """A task on the user's data: `--train-file` / `--validation-file` (.csv .tsv .json .jsonl), or a hub dataset
+    (`--dataset NAME`, or the task's own benchmark dataset) whose splits are named by `dataset_train_split` /
+    `dataset_eval_split`."""
+
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_eval_split: str = "validation"
+
+    @property
+    def hub_name(self) -> str | None:
+        """The hub dataset this task reads when no file is given."""
+        return self.dataset
+
+    @property
+    def hub_config(self) -> str | None:
+        return self.dataset_config
+
+    def local_path(self, split, data_dir, files):
+        if split in files:
+            return Path(files[split])
+        if data_dir is not None:
+            raise UserError(f"{self.name} reads --train-file / --validation-file (or --dataset), not --data-dir")
+        return None
+
+    def check_sources(self, data_dir, files) -> None:
+        from adalora_cli.data import TABLE_FORMATS
+
+        if self.train_split not in files and self.hub_name is None:
+            raise UserError(f"{self.name} trains on your data: pass --train-file ({' '.join(TABLE_FORMATS)}) or "
+                            "--dataset NAME for a hub dataset")
+        super().check_sources(data_dir, files)
+
+    def hub_dataset(self, data_dir, files, splits):
+        if self.hub_name is None or all(split in files for split in splits):
+            return None
+        return self.hub_name, self.hub_config
+
+    def _hub_split(self, split: str) -> str:
+        return self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+
+    def has_hub_split(self, split: str) -> bool:
+        from adalora_cli.data import hub_split_names
+
+        return self.hub_name is not None and self._hub_split(split) in hub_split_names(self.hub_name, self.hub_config)
+
+    def load(self, split, data_dir, files):
+        from adalora_cli.data import load_hub_dataset, read_table, to_dataset
+
+        path = self.local_path(split, data_dir, files)
+        if path is not None:
+            return to_dataset(read_table(path))
+        return load_hub_dataset(self.hub_name, self.hub_config, self._hub_split(split))
+
+
+# Feature columns, 1 for a row whose inputs (source, prompt, text, text pair) / target (completion) were cut to fit.
+TRUNCATED_INPUT, TRUNCATED_TARGET = "truncated_input", "truncated_target"
+
+
+def take_truncation(features) -> tuple[Any, dict[str, int]]:
+    """(`features` without the truncation columns, {"inputs": rows whose inputs were cut, "targets": ...})."""
+    columns = {"inputs": TRUNCATED_INPUT, "targets": TRUNCATED_TARGET}
+    present = [column for column in columns.values() if column in features.column_names]
+    counts = {kind: int(sum(features[column])) if column in present else 0 for kind, column in columns.items()}
+    return (features.remove_columns(present) if present else features), counts
+
+
+def encode_counting_cuts(encode, max_length: int, *texts: list[str]) -> tuple[Any, list[int]]:
+    """(`encode(*texts, truncation=True, max_length=max_length)`, per row 1 where that cut the row). Only the rows
+    that came out exactly `max_length` long are encoded again, whole, to tell a cut row from one that just fits."""
+    features = encode(*texts, truncation=True, max_length=max_length)
+    ids = features["input_ids"]
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    cut = [0] * len(ids)
+    if full:
+        whole = encode(*([column[i] for i in full] for column in texts), verbose=False)["input_ids"]
+        for i, row in zip(full, whole):
+            cut[i] = int(len(row) > max_length)
+    return features, cut
