@@ -243,7 +243,7 @@ CompletionColumnOpt = Annotated[Optional[str], _column("causal-lm: completion co
 
 
 def _columns(options: dict) -> dict[str, Optional[str]]:
-    from adalora_cli.evaluation import COLUMN_OPTIONS
+    from adalora_cli.rundata import COLUMN_OPTIONS
 
     return {key: options[key] for key in COLUMN_OPTIONS}
 
@@ -268,7 +268,7 @@ def eval_(
     completion_column: CompletionColumnOpt = None,
 ) -> None:
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
-    from adalora_cli.evaluation import run_eval
+    from adalora_cli.commands import run_eval
 
     result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_,
                       columns=_columns(locals()))
@@ -302,7 +302,7 @@ def predict(
     completion_column: CompletionColumnOpt = None,
 ) -> None:
     """Predict new rows with a trained run: one JSON line per input row, in input order."""
-    from adalora_cli.evaluation import run_predict
+    from adalora_cli.commands import run_predict
 
     run_predict(run, input_, output, format_, rank, batch_size, columns=_columns(locals()))
 

@@ -228,8 +228,8 @@ def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> No
 
 
 def _decoding(model, tokenizer, task) -> dict[str, Any] | None:
-    """The decoding the run was evaluated with (`evaluation.decoding`), for a task that generates."""
-    from adalora_cli.evaluation import decoding
+    """The decoding the run was evaluated with (`inference.decoding`), for a task that generates."""
+    from adalora_cli.inference import decoding
 
     return decoding(model, tokenizer, task) if task.generates else None
 

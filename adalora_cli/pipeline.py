@@ -17,8 +17,10 @@ from adalora_cli import checkpoints, devices, distributed, files, models, rundir
 from adalora_cli.budget import format_count
 from adalora_cli.config import MAX_SAVE_STEPS, RunConfig, dump_yaml
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
-from adalora_cli.evaluation import (EvalSet, configured_task, decoding, evaluate, features_for, max_length,
-                                    quiet_datasets, read_data, require_hub)
+from adalora_cli.evaluation import evaluate
+from adalora_cli.inference import decoding
+from adalora_cli.rundata import (EvalSet, configured_task, features_for, max_length, quiet_datasets, read_data,
+                                 require_hub)
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
 from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task
@@ -339,7 +341,7 @@ def _last_checkpoint_note(trainer, out: Path, needs_allocator: bool) -> str:
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
                 precision: devices.Precision, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
-    `train_cut` counts the training rows whose inputs / targets were cut to fit (`evaluation.features_for`)."""
+    `train_cut` counts the training rows whose inputs / targets were cut to fit (`rundata.features_for`)."""
     out = Path(cfg.output_dir)
     model, layers, allocation = built.model, built.layers, trainer.allocation
     rank_pattern = rundir.write_adapter(out, method, model, layers, built.head, cfg, built.targets)

@@ -63,7 +63,8 @@ def run_peft_adalora(job: dict, args) -> dict:
     from adalora_cli.inject import find_targets
     from adalora_cli.methods import get_method
     from adalora_cli.methods.adalora import AdaLoraConfig, resolve_schedule
-    from adalora_cli.evaluation import evaluate, features_for, max_length, read_data
+    from adalora_cli.evaluation import evaluate
+    from adalora_cli.rundata import features_for, max_length, read_data
     from adalora_cli.pipeline import training_arguments
     from adalora_cli.tasks import get_task
 

@@ -22,15 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str]) -> int:
     from transformers import set_seed
 
-    from adalora_cli import evaluation, models
+    from adalora_cli import evaluation, models, rundata
     from adalora_cli.config import make_config
     from adalora_cli.errors import UserError
 
     try:
         cfg = make_config(None, argv)
         cfg.validate()
-        evaluation.quiet_datasets()
-        task, _, evals = evaluation.read_data(cfg)  # the training data tells the columns and classes
+        rundata.quiet_datasets()
+        task, _, evals = rundata.read_data(cfg)  # the training data tells the columns and classes
         task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code)
         set_seed(cfg.seed)  # as run_train does just before loading the model: the same fresh head
         model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)

@@ -37,7 +37,8 @@ def dylora_by_rank(run: Path) -> dict[int, float]:
 
 def lora_by_rank(run: Path, ranks: list[int], rescale: bool) -> dict[int, float]:
     from adalora_cli import rundir
-    from adalora_cli.evaluation import evaluate, quiet_datasets, read_data
+    from adalora_cli.evaluation import evaluate
+    from adalora_cli.rundata import quiet_datasets, read_data
 
     quiet_datasets()
     cache = run / f"truncated_{'rescaled' if rescale else 'trained_scale'}.json"

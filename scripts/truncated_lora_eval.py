@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adalora_cli import rundir  # noqa: E402
-from adalora_cli.evaluation import evaluate, read_data  # noqa: E402
+from adalora_cli.evaluation import evaluate  # noqa: E402
+from adalora_cli.rundata import read_data  # noqa: E402
 
 
 def truncate(layers: dict, rank: int, alpha: float | None) -> None:

@@ -62,7 +62,8 @@ def main() -> int:
 
     from adalora_cli import models, rundir
     from adalora_cli.export import run_export
-    from adalora_cli.evaluation import max_length, model_outputs, read_data
+    from adalora_cli.inference import model_outputs
+    from adalora_cli.rundata import max_length, read_data
 
     import datasets
 

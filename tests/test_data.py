@@ -10,7 +10,7 @@ import pytest
 from adalora_cli.config import RunConfig
 from adalora_cli.data import pick_column, read_table, row_ids
 from adalora_cli.errors import UserError
-from adalora_cli.evaluation import HELD_OUT, read_data
+from adalora_cli.rundata import HELD_OUT, read_data
 
 
 @pytest.mark.parametrize("name, text", [

@@ -284,7 +284,7 @@ def test_gpt2_with_a_small_context_trains_evaluates_and_predicts_long_prompts(gp
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from adalora_cli.evaluation import max_length
+    from adalora_cli.rundata import max_length
 
     run = tmp_path / "run"
     train_tiny("lora", "--task", "causal-lm", "--model", gpt2_64, "--train-file", question_generation["causal-train"],
@@ -354,7 +354,7 @@ def test_the_checkpoints_generation_config_does_not_change_decoding(generators, 
     from datasets import Dataset
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from adalora_cli.evaluation import generation_outputs
+    from adalora_cli.inference import generation_outputs
     from adalora_cli.models import for_task, load_model
     from adalora_cli.tasks import get_task
 

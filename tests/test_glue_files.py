@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from adalora_cli.config import RunConfig
-from adalora_cli.evaluation import read_data
+from adalora_cli.rundata import read_data
 from adalora_cli.tasks import get_task
 
 # task: (folder, split -> (rows, {label name or "min"/"max": count or value}))

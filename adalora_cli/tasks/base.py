@@ -34,7 +34,7 @@ class Task:
     train_split: str = "train"
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
-    generates = False  # evaluated on generated text (evaluation.generation_outputs), not on one forward's outputs
+    generates = False  # evaluated on generated text (inference.generation_outputs), not on one forward's outputs
 
     @property
     def main_metric(self) -> str:
@@ -129,7 +129,7 @@ class Task:
         raise NotImplementedError
 
     def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
-        """Metrics from the model's raw outputs over `features` (built from `raw`): `evaluation.task_outputs`, a
+        """Metrics from the model's raw outputs over `features` (built from `raw`): `inference.task_outputs`, a
         tuple of arrays (logits first) for a forward's outputs, generated text for a task that `generates`."""
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ trained on the target; a decoder-only model (GPT-2, Llama, Qwen, Mistral) reads 
 sequence with the loss on the completion only (the prompt is the source followed by the task's separator), or,
 for plain language modelling (`--task causal-lm` with `--text-column` alone), the loss on every token.
 
-Evaluation (`evaluation.generation_outputs`) gives the mean token loss, its perplexity, and the text `generate`
+Evaluation (`inference.generation_outputs`) gives the mean token loss, its perplexity, and the text `generate`
 writes with the task's settings: the papers' beam size, length penalty and lengths for the benchmarks, greedy
 decoding for your own data, each settable (`--set num_beams=4`). The text metrics (`text_metrics`: ROUGE-1/2/L/Lsum
 from `rouge-score`, best over a source's references; corpus BLEU and chrF from `sacrebleu` over all references of a

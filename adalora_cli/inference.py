@@ -1,0 +1,161 @@
+"""Running a model over model features: one forward per batch (`model_outputs`), or, for a task that generates,
+the teacher-forced token loss and the text `generate` writes (`generation_outputs`, with `decoding`: every setting
+it runs with). Nothing here knows where the features came from or how they are scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from adalora_cli import devices
+from adalora_cli.tasks import Task
+
+def model_outputs(model, features, tokenizer, batch_size: int, precision: devices.Precision | str = "fp32",
+                  progress: str | None = None):
+    """The model's outputs (all but the loss) over `features`, in order, as float32 numpy arrays, computed under
+    the autocast of `precision` (resolved); with `progress`, a progress bar of that title on stderr."""
+    from transformers import DataCollatorWithPadding
+
+    columns = [c for c in tokenizer.model_input_names if c in features.column_names]
+    collate = DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
+    model.eval()
+    outputs: list[tuple[np.ndarray, ...]] = []
+    starts = range(0, len(features), batch_size)
+    with torch.no_grad(), devices.autocast(precision, device):
+        for start in _progress(starts, progress):
+            rows = features[start:start + batch_size]
+            batch = collate([{c: rows[c][i] for c in columns} for i in range(len(rows[columns[0]]))])
+            result = model(**{k: v.to(device) for k, v in batch.items()})
+            outputs.append(tuple(v.float().cpu().numpy() for k, v in result.items() if k != "loss"))
+    return tuple(_concat_padded([o[i] for o in outputs]) for i in range(len(outputs[0]))) if outputs else ()
+
+
+def _progress(batches, title: str | None):
+    """`batches` with a progress bar of that title on stderr, drawn only on a terminal (none in a log file)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=title, disable=title is None or not sys.stderr.isatty(), file=sys.stderr, unit="batch")
+
+
+def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch axis, padding the sequence axis (per-token outputs) with -inf."""
+    if arrays[0].ndim < 2 or all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                                  constant_values=-np.inf) for a in arrays])
+
+
+def generation_outputs(model, features, tokenizer, task: Task, batch_size: int,
+                       precision: devices.Precision | str = "fp32",
+                       generate: bool = True, progress: str | None = None) -> dict[str, Any]:
+    """What a generation task is scored on: the summed token loss of the labelled rows and its token count
+    (teacher forcing), and the text `generate` writes for every row with the task's settings (each distinct
+    input generated once: E2E's meaning representations have several references)."""
+    device = next(model.parameters()).device
+    causal = task.model_kind == "causal-lm"
+    pad = _pad_id(tokenizer)
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad(), devices.autocast(precision, device):
+        if "labels" in features.column_names:
+            for start in range(0, len(features), batch_size):
+                rows = features[start:start + batch_size]
+                loss, count = _token_loss(model, rows, pad, causal, device)
+                loss_sum, tokens = loss_sum + loss, tokens + count
+        texts = []
+        if generate:
+            inputs = task.generation_inputs(features)
+            distinct = list(dict.fromkeys(tuple(ids) for ids in inputs))
+            written = {}
+            settings = decoding(model, tokenizer, task)
+            starts = range(0, len(distinct), batch_size)
+            for start in _progress(starts, progress):
+                chunk = distinct[start:start + batch_size]
+                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, settings, causal, device)):
+                    written[ids] = text
+            texts = [written[tuple(ids)] for ids in inputs]
+    return {"loss_sum": loss_sum, "tokens": tokens, "texts": texts}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def decoding(model, tokenizer, task: Task) -> dict[str, Any]:
+    """The whole of what `generate` runs with: the task's settings (`task.decoding()`), the tokenizer's end-of-text
+    token (the one training appends) and padding, an encoder-decoder model's decoder start. Nothing comes from the
+    checkpoint's generation_config.json (min_length, max_length, forced tokens, sampling), so train-time evaluation,
+    `adalora eval` and `adalora predict` decode alike on any checkpoint; metrics.json and eval.json record it."""
+    settings = {**task.decoding(), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": _pad_id(tokenizer)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = getattr(model.config, "decoder_start_token_id", None)
+        settings["decoder_start_token_id"] = start if start is not None else \
+            model.generation_config.decoder_start_token_id
+    return settings
+
+
+@contextlib.contextmanager
+def _only_these_settings(model, config):
+    """`generate` fills every setting its `generation_config` leaves unset from `model.generation_config` (the
+    checkpoint's file) before the library's defaults; with `config` standing in for it, only the library's remain."""
+    shipped = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
+
+
+def _padded(sequences: list[list[int]], value: int, left: bool, device) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    rows = [[value] * (width - len(s)) + list(s) if left else list(s) + [value] * (width - len(s)) for s in sequences]
+    return torch.tensor(rows, device=device)
+
+
+def _token_loss(model, rows: dict, pad: int, causal: bool, device) -> tuple[float, int]:
+    """(summed cross-entropy over the label tokens, their count) of one batch, computed from the logits so that
+    every model counts the same tokens (a decoder-only model predicts token t+1 from position t)."""
+    import torch.nn.functional as F
+
+    input_ids = _padded(rows["input_ids"], pad, False, device)
+    attention = _padded(rows["attention_mask"], 0, False, device)
+    labels = _padded(rows["labels"], -100, False, device)
+    if causal:
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        labels = labels[:, 1:]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, labels=labels).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return float(loss), int((labels != -100).sum())
+
+
+def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, causal: bool, device) -> list[str]:
+    """`generate` with `settings` (`decoding`) on a batch of inputs (left-padded for a decoder-only model), decoded
+    without the prompt."""
+    from transformers import GenerationConfig
+
+    input_ids = _padded(inputs, settings["pad_token_id"], causal, device)
+    attention = _padded([[1] * len(ids) for ids in inputs], 0, causal, device)
+    config = GenerationConfig(**settings)
+    with _only_these_settings(model, config):
+        generated = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+    if causal:
+        generated = generated[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: devices.Precision,
+                 generate: bool = True,
+                 progress: str | None = None):
+    """What the task is scored on: generated text for generation tasks, one forward's outputs for the others."""
+    if task.generates:
+        return generation_outputs(model, features, tokenizer, task, batch_size, precision, generate, progress)
+    return model_outputs(model, features, tokenizer, batch_size, precision, progress)
