@@ -1,7 +1,9 @@
-"""Files at the bottom of the import graph: atomic writes, JSON and safetensors I/O, and the run lock.
+"""Files at the bottom of the import graph: the one atomic writer, JSON and safetensors I/O, and the run lock.
 
-Every file the tool writes goes to a temporary name beside its target and is renamed when complete, so a
-crash, an error or Ctrl-C never leaves a half-written file. Nothing here imports the rest of the package.
+Every file the tool writes goes to a temporary name beside its target and is renamed when complete
+(`atomic_path`), and every folder it writes whole (a tokenizer, an export) is built in a temporary folder beside
+its target and renamed into place (`atomic_folder`): a crash, an error or Ctrl-C never leaves a half-written file
+or folder. Nothing here imports the rest of the package.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,63 @@ def atomic_path(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, replace: bool = False):
+    """A temporary folder beside `path`, renamed onto it when the block succeeds and removed when it fails.
+
+    Missing parent folders are made, and removed again when the block fails. An existing `path` is refused
+    (FileExistsError) unless `replace`; then it is swapped out only once the new folder is complete, and put back if
+    the new one cannot be renamed into place. The folder gets the mode `mkdir` gives under the user's umask (a
+    temporary folder is made private); what the block writes inside keeps the modes it was written with.
+    """
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists")
+    made = _make_parents(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~current_umask())
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except BaseException:
+        for folder in reversed(made):
+            _remove_if_empty(folder)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` onto `path`; an existing `path` is moved aside first and removed after, or put back on failure."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make `folder` and its missing ancestors; return those made, outermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:
