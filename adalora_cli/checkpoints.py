@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adalora_cli import files, rundir
+from adalora_cli import files
+from adalora_cli.rundir import FORMAT, RunDir
 from adalora_cli.errors import UserError
 
 logger = logging.getLogger("adalora_cli")
@@ -72,15 +73,15 @@ def save_allocator_state(folder: Path, state: dict[str, Any], world_size: int = 
     folder = Path(folder)
     tensors: dict[str, Any] = {}
     skeleton = _split(state, "", tensors)
-    files.save_tensors(folder / ALLOCATOR_TENSORS, tensors, metadata={"format": rundir.FORMAT})
-    files.write_json(folder / ALLOCATOR_STATE, {"format": rundir.FORMAT, "world_size": world_size, "state": skeleton})
+    files.save_tensors(folder / ALLOCATOR_TENSORS, tensors, metadata={"format": FORMAT})
+    files.write_json(folder / ALLOCATOR_STATE, {"format": FORMAT, "world_size": world_size, "state": skeleton})
 
 
 def load_allocator_state(folder: Path) -> tuple[dict[str, Any], int]:
     """The allocator state saved in a checkpoint folder, and the number of processes that wrote it."""
     folder = Path(folder)
     data = files.read_json(folder / ALLOCATOR_STATE)
-    if not isinstance(data, dict) or data.get("format") != rundir.FORMAT or "state" not in data:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "state" not in data:
         raise UserError(f"{folder / ALLOCATOR_STATE} was not written by adalora-cli; the checkpoint is damaged, "
                         "remove that checkpoint folder and resume again")
     tensors = files.load_tensors(folder / ALLOCATOR_TENSORS)
@@ -102,7 +103,7 @@ def is_complete(folder: Path, needs_allocator: bool) -> bool:
 
 
 def last_complete_checkpoint(out: Path, needs_allocator: bool) -> Path | None:
-    complete = [folder for _, folder in checkpoint_folders(Path(out) / rundir.CHECKPOINTS)
+    complete = [folder for _, folder in checkpoint_folders(RunDir.of(out).checkpoints)
                 if is_complete(folder, needs_allocator)]
     return complete[-1] if complete else None
 
@@ -111,13 +112,13 @@ def saved_settings(out: Path) -> dict[str, Any]:
     """The raw settings a run was started with (OUT/config.yaml), for `--resume` to build on."""
     from adalora_cli.config import read_yaml
 
-    out = Path(out)
-    if not out.is_dir():
+    out = RunDir.of(out)
+    if not out.path.is_dir():
         raise UserError(f"--resume: output directory {out} does not exist; start the run without --resume")
-    if not (out / rundir.CONFIG).is_file():
-        raise UserError(f"--resume: {out} holds no {rundir.CONFIG}, so it is not a run started by `adalora train`; "
+    if not (out / out.CONFIG).is_file():
+        raise UserError(f"--resume: {out} holds no {out.CONFIG}, so it is not a run started by `adalora train`; "
                         "check --output-dir")
-    return read_yaml(out / rundir.CONFIG)
+    return read_yaml(out / out.CONFIG)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,10 +150,10 @@ def resume_point(cfg, needs_allocator: bool) -> Path:
     """
     from adalora_cli.config import from_dict
 
-    out = Path(cfg.output_dir)
+    out = RunDir(cfg.output_dir)
     saved = from_dict(saved_settings(out))
-    if (out / rundir.METRICS).is_file():
-        raise UserError(f"--resume: the run in {out} already finished ({rundir.METRICS} is there); "
+    if (out / out.METRICS).is_file():
+        raise UserError(f"--resume: the run in {out} already finished ({out.METRICS} is there); "
                         "start a new run with --overwrite or another --output-dir")
     differences = setting_differences(saved.to_dict(), cfg.to_dict())
     if differences:
@@ -163,7 +164,7 @@ def resume_point(cfg, needs_allocator: bool) -> Path:
     if checkpoint is None:
         every = f"save_steps={cfg.save_steps} optimizer steps" if cfg.save_steps is not None else \
             "tenth of the run's optimizer steps"
-        raise UserError(f"--resume: no complete checkpoint in {out / rundir.CHECKPOINTS} (one is written every "
+        raise UserError(f"--resume: no complete checkpoint in {out.checkpoints} (one is written every "
                         f"{every}); start the run again with --overwrite")
     return checkpoint
 

@@ -26,15 +26,15 @@ def _require_file(path: Path) -> Path:
     return Path(path)
 
 
-def _load_for_inference(run: Path, data_dir: str | None, rank: int | None, sweep: bool = False):
+def _load_for_inference(run: rundir.RunDir, rank: int | None, sweep: bool = False):
     """(the loaded run, its r_max): the model on the GPU when there is one, at `rank` when given; checked first."""
     from adalora_cli.methods import get_method
 
-    saved = rundir.read_adapter_config(rundir.require_run(run))
+    saved = run.adapter
     if rank is not None or sweep:
         saved.require_any_rank(get_method(saved.method), "--rank and --rank-sweep need")
     r_max = saved.r_max(rank)
-    loaded = rundir.load_run(run, data_dir)
+    loaded = run.load()
     if torch.cuda.is_available():
         loaded.model.to("cuda")
     if rank is not None:
@@ -52,7 +52,8 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
     scored instead of the run's evaluation data, into eval-<file stem>.json.
     """
     quiet_datasets()
-    cfg = rundir.read_run_config(run, data_dir)
+    run = rundir.RunDir(run, data_dir)
+    cfg = run.config
     if input_path is None and any(v is not None for v in (columns or {}).values()):
         raise UserError("the column options name the columns of --input FILE; give --input or drop them")
     if input_path is not None and rank_sweep:
@@ -61,28 +62,28 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
     given = apply_file_columns(cfg, columns)
     require_hub(cfg, data=eval_file is None)
     _, _, evals = read_data(cfg, training=False, eval_file=eval_file)
-    (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, data_dir, rank, rank_sweep)
+    (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, rank, rank_sweep)
     task = task.with_settings(**given)
+    precision = cfg.compute_precision()
     if rank_sweep:
         by_rank = {}
         for b in range(1, r_max + 1):
             set_rank(layers, b)
-            by_rank[b] = evaluate(model, tokenizer, task, evals, cfg)
+            by_rank[b] = evaluate(model, tokenizer, task, evals, cfg, precision)
             logger.info("rank %d: %s", b, by_rank[b])
-        files.write_json(Path(run) / "eval_ranks.json", {str(b): m for b, m in by_rank.items()})
+        run.write_json(run.EVAL_RANKS, {str(b): m for b, m in by_rank.items()})
         from adalora_cli.report import plot_rank_sweep
 
-        plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
+        plot_rank_sweep(by_rank, run / run.EVAL_RANKS_PLOT, f"{run.path.resolve().name}: any-rank evaluation")
         return by_rank
-    metrics = evaluate(model, tokenizer, task, evals, cfg)
+    metrics = evaluate(model, tokenizer, task, evals, cfg, precision)
     record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
     if task.generates:
         record["decoding"] = decoding(model, tokenizer, task)
-    if input_path is None:
-        files.write_json(Path(run) / "eval.json", record)
-    else:
-        written = Path(run) / f"eval-{Path(input_path).stem}.json"
-        files.write_json(written, {**record, "input": str(input_path), "rows": len(evals[0].raw)})
+    if input_path is not None:
+        record.update(input=str(input_path), rows=len(evals[0].raw))
+    written = run.write_json(run.eval_name(input_path), record)
+    if input_path is not None:
         logger.info("scored %s rows of %s; wrote %s", f"{len(evals[0].raw):,}", input_path, written)
     return metrics
 
@@ -104,7 +105,8 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     quiet_datasets()
     if fmt not in PREDICT_FORMATS:
         raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(PREDICT_FORMATS)}")
-    cfg = rundir.read_run_config(run)
+    run = rundir.RunDir(run)
+    cfg = run.config
     given = apply_file_columns(cfg, columns)
     require_hub(cfg, data=False)
     task = configured_task(cfg)
@@ -113,11 +115,12 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))
-    (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, None, rank)
+    (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, rank)
     task = task.with_settings(**given)
+    precision = cfg.compute_precision()
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
     outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
-                           cfg.compute_precision(), progress=f"predicting {len(raw):,} rows")
+                           precision, progress=f"predicting {len(raw):,} rows")
     records = task.prediction_records(outputs, raw, features)
     if fmt == "glue":
         text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))

@@ -12,11 +12,10 @@ from adalora_cli.tasks import Task
 
 
 def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
-             precision: devices.Precision | None = None) -> dict[str, float]:
+             precision: devices.Precision) -> dict[str, float]:
     """Every evaluation set, metric names suffixed per set; features are built on first use and kept. Computes under
-    `precision` (the run's, resolved once by the caller; default: resolved from `cfg`)."""
+    `precision` (the run's, resolved once per command by the caller: `cfg.compute_precision()`)."""
     metrics = {}
-    precision = precision or cfg.compute_precision()
     for eval_set in evals:
         if eval_set.features is None:
             eval_set.features, eval_set.truncated = features_for(task, eval_set.raw, tokenizer,

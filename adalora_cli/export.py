@@ -6,23 +6,22 @@
             base model; every method becomes plain LoRA factors through `AdapterLinear.to_lora()`
     merged  a plain Transformers model folder (W0 + scale * B @ A in every adapted Linear) with its tokenizer
 
-The run is reloaded through `rundir.load_run` only, never through the training code, so an export holds
+The run is reloaded through `RunDir.load` only, never through the training code, so an export holds
 exactly what `adalora eval` evaluates. Everything is written into a temporary folder beside `--out` and
-renamed at the end: a failure leaves nothing behind.
+renamed at the end (`files.atomic_folder`): a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adalora_cli import files, rundir
+from adalora_cli import files
 from adalora_cli.errors import UserError
 from adalora_cli.heads import HEAD_MODULES
+from adalora_cli.rundir import RunDir
 
 FORMATS = ("native", "peft", "merged")
 
@@ -39,8 +38,8 @@ PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "
                    "seq2seq-lm": "SEQ_2_SEQ_LM", "causal-lm": "CAUSAL_LM"}
 
 # Files of a run that a native export carries over unchanged (the last three serve `adalora inspect`).
-NATIVE_FILES = (rundir.CONFIG, rundir.ADAPTER_CONFIG, rundir.ADAPTER, rundir.FULL_WEIGHTS, rundir.HEAD,
-                rundir.RANK_PATTERN, rundir.RANK_HISTORY, rundir.METRICS)
+NATIVE_FILES = (RunDir.CONFIG, RunDir.ADAPTER_CONFIG, RunDir.ADAPTER, RunDir.FULL_WEIGHTS, RunDir.HEAD,
+                RunDir.RANK_PATTERN, RunDir.RANK_HISTORY, RunDir.METRICS)
 
 
 def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = False, rank: int | None = None,
@@ -61,10 +60,9 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
     if base_model is not None and fmt != "peft":
         raise UserError(f"--base-model applies to --format peft (a {fmt} export does not name a base model); "
                         "drop --base-model")
-    run, out = Path(run), Path(out)
-    rundir.require_run(run)
-    _check_out(run, out, overwrite)
-    saved = rundir.read_adapter_config(run)
+    run, out = RunDir(run).require(), Path(out)
+    _check_out(run.path, out, overwrite)
+    saved = run.adapter
     from adalora_cli.methods import get_method
 
     method = get_method(saved.method)
@@ -73,24 +71,15 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
     if rank is not None:
         _check_rank(saved, method, fmt, rank)
 
-    cfg, saved, model, tokenizer, layers, task = rundir.load_run(run)
+    cfg, saved, model, tokenizer, layers, task = run.load()
     factors = lora_factors(layers, rank) if method.adapter else {}
-    created, tmp = _make_parents(out.parent), None
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with files.atomic_folder(out, replace=True) as tmp:  # an existing `out` is empty or --overwrite (_check_out)
         if fmt == "native":
             write_native(run, tmp, tokenizer)
         elif fmt == "peft":
             write_peft(tmp, saved, task, model, layers, factors, base_model or base_model_name(cfg.model))
         else:
             write_merged(tmp, model, layers, factors, tokenizer, _decoding(model, tokenizer, task))
-        _publish(tmp, out)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created):
-            _remove_if_empty(folder)
-        raise
     return out
 
 
@@ -122,15 +111,15 @@ def _check_rank(saved, method, fmt: str, rank: int) -> None:
 
 # -- native ----------------------------------------------------------------------------------------------
 
-def write_native(run: Path, folder: Path, tokenizer) -> None:
-    """Our own files, copied byte for byte once `load_run` has proven them readable and consistent."""
+def write_native(run: RunDir, folder: Path, tokenizer) -> None:
+    """Our own files, copied byte for byte once `RunDir.load` has proven them readable and consistent."""
     for name in NATIVE_FILES:
         if (run / name).is_file():
             shutil.copy2(run / name, folder / name)
-    if (run / rundir.TOKENIZER).is_dir():
-        shutil.copytree(run / rundir.TOKENIZER, folder / rundir.TOKENIZER)
+    if (run / run.TOKENIZER).is_dir():
+        shutil.copytree(run / run.TOKENIZER, folder / run.TOKENIZER)
     else:
-        tokenizer.save_pretrained(str(folder / rundir.TOKENIZER))
+        tokenizer.save_pretrained(str(folder / run.TOKENIZER))
 
 
 # -- PEFT ------------------------------------------------------------------------------------------------
@@ -266,35 +255,3 @@ def _check_out(run: Path, out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} already exists and is not empty; pass --overwrite or choose another --out")
 
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create `folder` and its missing ancestors; return those created, outermost first."""
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    return list(reversed(missing))
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an existing `out` (with --overwrite) is removed only after.
-    Temporary names are created private (mode 0600/0700): give the export the user's usual modes."""
-    umask = files.current_umask()
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)  # put the previous export back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

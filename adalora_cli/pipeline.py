@@ -15,7 +15,7 @@ import torch
 
 from adalora_cli import checkpoints, devices, distributed, files, models, rundir, tracking
 from adalora_cli.budget import format_count
-from adalora_cli.config import MAX_SAVE_STEPS, RunConfig, dump_yaml
+from adalora_cli.config import MAX_SAVE_STEPS, RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 from adalora_cli.evaluation import evaluate
 from adalora_cli.inference import decoding
@@ -26,7 +26,6 @@ from adalora_cli.methods import get_method
 from adalora_cli.tasks import Task
 
 logger = logging.getLogger("adalora_cli")
-LOGS = "logs"  # the trackers' folder inside the run directory
 
 
 def training_arguments(cfg: RunConfig, output_dir: Path, lr: float, precision: devices.Precision, adapter: bool,
@@ -115,12 +114,12 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     """
     quiet_datasets()
     method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
-    out = Path(cfg.output_dir)
-    lock = files.RunLock(out)
+    out = rundir.RunDir(cfg.output_dir)
+    lock = files.RunLock(out.path)
     lock.check()  # another process writes this folder: say so before any work
     resume_from = checkpoints.resume_point(cfg, method.make_allocator is not None) if resume else None
     if not resume:
-        rundir.prepare_output_dir(out, overwrite)
+        out.prepare(overwrite)
     require_hub(cfg)
     models.task_config(cfg.model, configured_task(cfg), cfg.trust_remote_code)  # refuses a misfit before reading data
     task, train_raw, evals = read_data(cfg)  # fills in what the data tells (columns, classes) before it is saved
@@ -129,7 +128,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     # counted from the examples, before tokenising (the Trainer's arguments come first); a task that cuts long
     # examples into several windows (SQuAD) takes a few more steps, so its checkpoints come a little more often
     cfg.resolve_save_steps(len(train_raw), distributed.world_size())
-    args = training_arguments(cfg, out / rundir.CHECKPOINTS, cfg.lr, precision, method.adapter,
+    args = training_arguments(cfg, out.checkpoints, cfg.lr, precision, method.adapter,
                               task)  # starts DDP if launched
     main = args.process_index == 0
     if not main:
@@ -147,16 +146,16 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
             if resume_from is not None:
                 checkpoints.drop_later_checkpoints(resume_from)
             else:
-                rundir.reset_output_dir(out)
-                dump_yaml(cfg.to_dict(), out / rundir.CONFIG)  # what a later --resume checks its settings against
+                out.reset()
+                out.write_config(cfg)  # what a later --resume checks its settings against
         distributed.barrier()
         trainer = _make_trainer(cfg, task, evals, built, method, method_cfg, args, train_features, resume_from,
                                 precision)
         runtime = _train(trainer, resume_from, out, method, precision)
         if not main:
             return None
-        return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
-                           train_cut)
+        return _finish_run(out, cfg, task, evals, method, built, trainer, runtime, precision,
+                           resume_from is not None, train_cut)
     finally:
         lock.release()
 
@@ -249,7 +248,7 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
         allocation = AllocationCallback(
             lambda steps: method.make_allocator(built.layers, method_cfg, built.plan, steps), resume_from=resume_from)
     regulariser = method.regulariser(list(built.layers.values()), method_cfg) if method.regulariser else None
-    callbacks = tracking.callbacks(cfg.report_to, Path(cfg.output_dir) / LOGS)
+    callbacks = tracking.callbacks(cfg.report_to, rundir.RunDir(cfg.output_dir).logs)
     metric = selection_metric(cfg, task)
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStopping(cfg.early_stopping, metric, task.greater_is_better(metric)))
@@ -268,7 +267,7 @@ def _make_trainer(cfg: RunConfig, task: Task, evals: list[EvalSet], built: Built
     )
 
 
-def _train(trainer, resume_from: Path | None, out: Path, method, precision: devices.Precision) -> float:
+def _train(trainer, resume_from: Path | None, out: rundir.RunDir, method, precision: devices.Precision) -> float:
     """Run the Trainer under the run's precision; returns the training time in seconds. Stops cleanly on SIGTERM /
     Ctrl-C; on any other failure the log names the last complete checkpoint."""
     from adalora_cli.training import NonFiniteLoss, StopSignals
@@ -303,7 +302,7 @@ def _train(trainer, resume_from: Path | None, out: Path, method, precision: devi
     return result.metrics.get("train_runtime", time.time() - started)
 
 
-def _stop_after_late_signal(trainer, signals, out: Path, needs_allocator: bool) -> None:
+def _stop_after_late_signal(trainer, signals, out: rundir.RunDir, needs_allocator: bool) -> None:
     """A signal that came after the last optimizer step's check (training had ended on its own) stops the run like
     one during training, when the final step is in a complete checkpoint (--resume then only finishes the run);
     otherwise the run finishes. Only the main process acts on it: the others have nothing left to do."""
@@ -317,9 +316,9 @@ def _stop_after_late_signal(trainer, signals, out: Path, needs_allocator: bool) 
                        signals.name)
 
 
-def _interrupted_message(trainer, out: Path) -> str:
+def _interrupted_message(trainer, out: rundir.RunDir) -> str:
     step, total = trainer.state.global_step, trainer.state.max_steps
-    checkpoint = out / rundir.CHECKPOINTS / f"checkpoint-{step}"
+    checkpoint = out.checkpoint(step)
     resume = f"adalora train --output-dir {out} --resume"
     if step >= total:
         return (f"stopped by {trainer.stopped_by} after the last optimizer step ({step} of {total}): training is "
@@ -328,7 +327,7 @@ def _interrupted_message(trainer, out: Path) -> str:
             f"{checkpoint} holds the run; continue it with: {resume}")
 
 
-def _last_checkpoint_note(trainer, out: Path, needs_allocator: bool) -> str:
+def _last_checkpoint_note(trainer, out: rundir.RunDir, needs_allocator: bool) -> str:
     """One line for a run that failed: where its last complete checkpoint is, and how to continue from it."""
     done = f"training failed after optimizer step {trainer.state.global_step} of {trainer.state.max_steps}"
     last = checkpoints.last_complete_checkpoint(out, needs_allocator)
@@ -338,22 +337,22 @@ def _last_checkpoint_note(trainer, out: Path, needs_allocator: bool) -> str:
             f"adalora train --output-dir {out} --resume")
 
 
-def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
-                precision: devices.Precision, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
+def _finish_run(out: rundir.RunDir, cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel,
+                trainer, runtime: float, precision: devices.Precision, resumed: bool,
+                train_cut: dict[str, int]) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
     `train_cut` counts the training rows whose inputs / targets were cut to fit (`rundata.features_for`)."""
-    out = Path(cfg.output_dir)
     model, layers, allocation = built.model, built.layers, trainer.allocation
-    rank_pattern = rundir.write_adapter(out, method, model, layers, built.head, cfg, built.targets)
+    rank_pattern = out.write_adapter(method, model, layers, built.head, cfg, built.targets)
     adapter_params = sum(layer.param_count() for layer in layers.values()) if method.adapter else \
         sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in built.head)
     if resumed:  # a resumed run may have moved its data or changed its log interval
-        dump_yaml(cfg.to_dict(), out / rundir.CONFIG)
-    _save_tokenizer(built.tokenizer, out / rundir.TOKENIZER)
-    files.write_json(out / rundir.RANK_PATTERN, rank_pattern)
+        out.write_config(cfg)
+    out.save_tokenizer(built.tokenizer)
+    out.write_json(out.RANK_PATTERN, rank_pattern)
     if allocation is not None:
-        files.write_json(out / rundir.RANK_HISTORY, allocation.allocator.history())
-    files.write_json(out / rundir.TRAIN_LOG, trainer.state.log_history)
+        out.write_json(out.RANK_HISTORY, allocation.allocator.history())
+    out.write_json(out.TRAIN_LOG, trainer.state.log_history)
     if cfg.budget is not None and method.adapter and adapter_params > cfg.budget:
         raise RuntimeError(f"adapter holds {adapter_params} parameters, over the budget {cfg.budget}")
 
@@ -376,7 +375,7 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
     metrics["truncated"] = {"train": train_cut, **{e.name: e.truncated for e in evals}}
     if task.generates:
         metrics["decoding"] = decoding(model, built.tokenizer, task)
-    files.write_json(out / rundir.METRICS, metrics)
+    out.write_json(out.METRICS, metrics)
     pictures = _draw(out, allocation is not None, cfg.report_to, trainer)
     return TrainResult(metrics, run_summary(cfg, task, evals, method, metrics, _classes(task, model), pictures))
 
@@ -411,7 +410,7 @@ def run_summary(cfg: RunConfig, task: Task, evals: list[EvalSet], method, metric
     ]
     if classes:
         rows.append(("classes", ", ".join(classes)))
-    rows.append(("files", ", ".join([rundir.METRICS] + [p.name for p in pictures])))
+    rows.append(("files", ", ".join([rundir.RunDir.METRICS] + [p.name for p in pictures])))
     export_format = "peft" if method.adapter else "merged"
     rows += [("next", f"adalora eval {out}"), ("", f"adalora predict {out} --input FILE"),
              ("", f"adalora export-adapter {out} --format {export_format} --out DIR")]
@@ -431,18 +430,18 @@ def _best(cfg: RunConfig, task: Task, trainer) -> dict[str, Any] | None:
             "value": round(float(state.best_metric), 6)}
 
 
-def _draw(out: Path, adaptive: bool, report_to: str, trainer) -> list[Path]:
+def _draw(out: rundir.RunDir, adaptive: bool, report_to: str, trainer) -> list[Path]:
     """The learning curve, and for adaptive methods the rank allocation; both go to the tracker too."""
     from adalora_cli.report import write_learning_curve, write_rank_plot
 
     pictures = [write_learning_curve(out)]
     if adaptive:  # the final ranks and the budget curve (as `adalora inspect`)
         pictures.append(write_rank_plot(out))
-    tracking.log_images(report_to, out / LOGS, pictures, trainer)
+    tracking.log_images(report_to, out.logs, pictures, trainer)
     return pictures
 
 
-def _divergence_message(exc, out: Path, needs_allocator: bool) -> str:
+def _divergence_message(exc, out: rundir.RunDir, needs_allocator: bool) -> str:
     last = checkpoints.last_complete_checkpoint(out, needs_allocator)
     kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written before it"
     return (f"loss became {exc.value} at optimizer step {exc.step}; {kept}; lower --lr (or "
@@ -458,14 +457,3 @@ def _close_progress_bars(trainer) -> None:
             callback.training_bar.close()
             callback.training_bar = None
 
-
-def _save_tokenizer(tokenizer, path: Path) -> None:
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tokenizer."))
-    tmp.chmod(0o777 & ~files.current_umask())
-    tokenizer.save_pretrained(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)

@@ -15,13 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adalora_cli import files, rundir
+from adalora_cli import files
 from adalora_cli.budget import format_count
 from adalora_cli.errors import UserError
 from adalora_cli.inject import MATRIX_KINDS
-
-PLOT = "rank_allocation.png"
-CURVE = "learning_curve.png"
+from adalora_cli.rundir import RunDir
 
 # Tick labels as the paper writes them.
 _KIND_LABELS = {"Wq": "$W_q$", "Wk": "$W_k$", "Wv": "$W_v$", "Wo": "$W_o$", "Wf1": "$W_{f_1}$", "Wf2": "$W_{f_2}$"}
@@ -46,10 +44,10 @@ class Allocation:
         return sum(self.ranks.values())
 
 
-def read_allocation(run: Path) -> Allocation:
+def read_allocation(run: Path | RunDir) -> Allocation:
     """Read a run's allocation from its files; a full fine-tuning run has none to show."""
-    run = rundir.require_run(run)
-    saved = rundir.read_adapter_config(run)
+    run = RunDir.of(run).require()
+    saved = run.adapter
     if not saved.modules:
         raise UserError(f"{run} is a {saved.method} run with no adapted matrices, so it has no rank allocation")
     ranks, kinds = {}, []
@@ -57,27 +55,25 @@ def read_allocation(run: Path) -> Allocation:
         try:
             key, rank = (int(info["layer"]), str(info["kind"])), int(info["rank"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{run / rundir.ADAPTER_CONFIG} has no layer, kind or rank for {name}; "
+            raise UserError(f"{run / run.ADAPTER_CONFIG} has no layer, kind or rank for {name}; "
                             "the run folder is damaged, re-run training") from None
         ranks[key] = ranks.get(key, 0) + rank
         if key[1] not in kinds:
             kinds.append(key[1])
     kinds = [k for k in MATRIX_KINDS if k in kinds] + [k for k in kinds if k not in MATRIX_KINDS]
-    metrics = files.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
-    history = files.read_json(run / rundir.RANK_HISTORY) if (run / rundir.RANK_HISTORY).is_file() else []
-    budget = rundir.read_run_config(run).budget
+    metrics = run.metrics
     params = metrics.get("adapter_params")
     if params is None:
         params = _stored_params(run)
     return Allocation(saved.method, kinds, sorted({layer for layer, _ in ranks}), ranks, int(params),
-                      metrics.get("nonzero_adapter_params"), budget, history, metrics.get("steps"))
+                      metrics.get("nonzero_adapter_params"), run.config.budget, run.rank_history, metrics.get("steps"))
 
 
-def _stored_params(run: Path) -> int:
+def _stored_params(run: RunDir) -> int:
     """Adapter parameters counted from the saved tensors' shapes (when metrics.json is absent)."""
     from safetensors import safe_open
 
-    path = run / rundir.ADAPTER
+    path = run / run.ADAPTER
     try:
         with safe_open(str(path), framework="pt") as f:
             return sum(_numel(f.get_slice(key).get_shape()) for key in f.keys())
@@ -217,23 +213,25 @@ def _draw_history(ax, alloc: Allocation) -> None:
 
 # -- entry points ----------------------------------------------------------------------------------------
 
-def write_report(run: Path) -> tuple[str, Path]:
+def write_report(run: Path | RunDir) -> tuple[str, Path]:
     """`adalora inspect`: the table as text, and the PNG written into the run folder."""
-    run = Path(run)
+    run = RunDir.of(run)
     alloc = read_allocation(run)
     title = f"rank allocation of {run} ({alloc.method})"
-    return format_table(alloc, title), plot_allocation(alloc, run / PLOT, _plot_title(run, alloc))
+    return format_table(alloc, title), plot_allocation(alloc, run / run.RANK_PLOT, _plot_title(run, alloc))
 
 
-def write_rank_plot(run: Path) -> Path:
+def write_rank_plot(run: Path | RunDir) -> Path:
     """The picture alone, drawn by training at the end of an adaptive run."""
+    run = RunDir.of(run)
     alloc = read_allocation(run)
-    return plot_allocation(alloc, Path(run) / PLOT, _plot_title(Path(run), alloc))
+    return plot_allocation(alloc, run / run.RANK_PLOT, _plot_title(run, alloc))
 
 
-def _plot_title(run: Path, alloc: Allocation) -> str:
+def _plot_title(run: RunDir, alloc: Allocation) -> str:
     budget = f" of {format_count(alloc.budget)}" if alloc.budget else ""
-    return f"{run.resolve().name} ({alloc.method}): {format_count(alloc.adapter_params)} adapter parameters{budget}"
+    return (f"{run.path.resolve().name} ({alloc.method}): {format_count(alloc.adapter_params)} adapter "
+            f"parameters{budget}")
 
 
 def plot_rank_sweep(by_rank: dict[int, dict[str, float]], path: Path, title: str = "") -> Path:
@@ -257,14 +255,13 @@ def plot_rank_sweep(by_rank: dict[int, dict[str, float]], path: Path, title: str
 
 # -- the learning curve ------------------------------------------------------------------------------------
 
-def write_learning_curve(run: Path) -> Path:
+def write_learning_curve(run: Path | RunDir) -> Path:
     """RUN/learning_curve.png from train_log.json: the training loss (task loss and regulariser) over optimizer
     steps and, when the run evaluated during training, every evaluation metric, with evaluations before an
     adaptive method's final budget drawn hollow and the one --keep-best chose starred."""
-    run = Path(run)
-    log = files.read_json(run / rundir.TRAIN_LOG)
-    metrics = files.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
-    return plot_learning_curve(log, run / CURVE, f"{run.resolve().name}: learning curve", metrics.get("best"))
+    run = RunDir.of(run)
+    return plot_learning_curve(run.train_log, run / run.LEARNING_CURVE, f"{run.path.resolve().name}: learning curve",
+                               run.metrics.get("best"))
 
 
 def plot_learning_curve(log: list[dict], path: Path, title: str = "", best: dict | None = None) -> Path:

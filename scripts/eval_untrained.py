@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
 
         if torch.cuda.is_available():
             model.to("cuda")
-        metrics = evaluation.evaluate(model, tokenizer, task, evals, cfg)
+        metrics = evaluation.evaluate(model, tokenizer, task, evals, cfg, cfg.compute_precision())
     except UserError as exc:
         print(f"eval_untrained: error: {exc}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def lora_by_rank(run: Path, ranks: list[int], rescale: bool) -> dict[int, float]
         cfg, _, model, tokenizer, layers, _ = rundir.load_run(run)
         truncate(layers, rank, cfg.method_config().alpha if rescale else None)
         task, _, evals = read_data(cfg, training=False)
-        found[str(rank)] = evaluate(model, tokenizer, task, evals, cfg)
+        found[str(rank)] = evaluate(model, tokenizer, task, evals, cfg, cfg.compute_precision())
         cache.write_text(json.dumps(found, indent=1))
     return {int(b): score(m) for b, m in found.items() if int(b) in ranks}
 

@@ -50,7 +50,7 @@ def main() -> None:
             raise SystemExit(f"{args.run} is a {saved.method} run; this baseline is for plain LoRA runs")
         truncate(layers, rank, None if args.keep_scale else cfg.method_config().alpha)
         task, _, evals = read_data(cfg, training=False)
-        results[rank] = evaluate(model, tokenizer, task, evals, cfg)
+        results[rank] = evaluate(model, tokenizer, task, evals, cfg, cfg.compute_precision())
         print(f"rank {rank}: {results[rank]}", flush=True)
     print(json.dumps(results))
 

@@ -46,7 +46,7 @@ def install() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from adalora_cli import checkpoints, files, pipeline, rundir, training
+    from adalora_cli import checkpoints, files, rundir, training
 
     kill_after = int(os.environ.get("ADALORA_TEST_KILL_AFTER_SAVE", "0"))
     nan_at = int(os.environ.get("ADALORA_TEST_NAN_AT_STEP", "0"))
@@ -124,13 +124,13 @@ def install() -> None:
         original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
-            path = next(a for a in args if isinstance(a, (str, Path)))
+            path = next(a for a in args if isinstance(a, (str, os.PathLike)))
             trace["writes"].append(str(Path(path).resolve()))
             return original(*args, **kwargs)
 
         setattr(module, name, wrapper)
 
-    for module, name in ((files, "atomic_path"), (rundir, "reset_output_dir"), (pipeline, "_save_tokenizer")):
+    for module, name in ((files, "atomic_path"), (files, "atomic_folder"), (rundir.RunDir, "reset")):
         recorded(module, name)
 
     if trace_dir:

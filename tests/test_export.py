@@ -106,7 +106,7 @@ def test_peft_export_loads_in_peft_with_our_logits_and_ranks(trained, tmp_path, 
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert config["modules_to_save"] == ["classifier"]
-    saved = rundir.read_adapter_config(run)
+    saved = rundir.RunDir(run).adapter
     for name, info in saved.modules.items():  # PEFT's scale alpha / r is ours, module by module
         if info["rank"]:
             assert config["alpha_pattern"][name] / config["rank_pattern"][name] == pytest.approx(info["scaling"])
@@ -135,7 +135,7 @@ def test_peft_export_leaves_out_modules_pruned_to_rank_zero(trained, tmp_path):
 
 def test_peft_export_of_deberta_saves_the_pooler(trained, tiny_deberta_dir, tmp_path):
     run = trained("lora", model_dir=tiny_deberta_dir)
-    assert any(name.startswith("pooler.") for name in rundir.read_adapter_config(run).head)
+    assert any(name.startswith("pooler.") for name in rundir.RunDir(run).adapter.head)
     check_peft_round_trip(run, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(config["modules_to_save"]) == ["classifier", "pooler"]

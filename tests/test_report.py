@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from adalora_cli import files, report, rundir
 from adalora_cli.cli import app
 from adalora_cli.config import RunConfig, dump_yaml
+from adalora_cli.rundir import RunDir
 
 runner = CliRunner()
 
@@ -73,7 +74,7 @@ def test_inspect_prints_the_table_and_writes_the_png(tmp_path):
     result = runner.invoke(app, ["inspect", str(run)])
     assert result.exit_code == 0, result.stderr
     assert report.format_table(report.read_allocation(run)) in result.stdout
-    png = run / report.PLOT
+    png = run / RunDir.RANK_PLOT
     assert f"wrote {png}" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = imread(png).shape[:2]
@@ -86,7 +87,7 @@ def test_without_history_only_the_heat_map_is_drawn(tmp_path):
     without = fake_run(tmp_path / "lora", method="lora", history=False)
     report.write_report(with_history)
     report.write_report(without)
-    wide, narrow = imread(with_history / report.PLOT), imread(without / report.PLOT)
+    wide, narrow = imread(with_history / RunDir.RANK_PLOT), imread(without / RunDir.RANK_PLOT)
     assert narrow.shape[0] == wide.shape[0] and narrow.shape[1] < 0.7 * wide.shape[1]
 
 
@@ -109,7 +110,7 @@ def test_inspect_errors(tmp_path, setup, fragment):
     result = runner.invoke(app, ["inspect", str(run)])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("adalora: error:") and fragment in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (run / report.PLOT).exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and not (run / RunDir.RANK_PLOT).exists()
 
 
 def test_report_of_a_trained_adalora_run(tiny_bert_dir, glue_dir, tmp_path):
@@ -120,7 +121,7 @@ def test_report_of_a_trained_adalora_run(tiny_bert_dir, glue_dir, tmp_path):
             "--set", "adalora.t_init=1", "--set", "adalora.t_final=2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    png = out / report.PLOT
+    png = out / RunDir.RANK_PLOT
     assert png.is_file()  # training drew it
     png.unlink()
     result = runner.invoke(app, ["inspect", str(out)])
