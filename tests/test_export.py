@@ -324,6 +324,22 @@ def test_a_failure_while_writing_leaves_nothing(trained, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failure_while_overwriting_keeps_the_previous_export(trained, tmp_path, monkeypatch):
+    run, out = trained("lora"), tmp_path / "out"
+    assert export_cli(run, "merged", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(folder, *args):
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_peft", broken)
+    with pytest.raises(KeyboardInterrupt):
+        export.run_export(run, "peft", out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder beside it
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # -- pieces ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("head, modules", [
