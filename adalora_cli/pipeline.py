@@ -154,8 +154,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         runtime = _train(trainer, resume_from, out, method, precision)
         if not main:
             return None
-        return _finish_run(out, cfg, task, evals, method, built, trainer, runtime, precision,
-                           resume_from is not None, train_cut)
+        return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
+                           train_cut)
     finally:
         lock.release()
 
@@ -337,11 +337,11 @@ def _last_checkpoint_note(trainer, out: rundir.RunDir, needs_allocator: bool) ->
             f"adalora train --output-dir {out} --resume")
 
 
-def _finish_run(out: rundir.RunDir, cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel,
-                trainer, runtime: float, precision: devices.Precision, resumed: bool,
-                train_cut: dict[str, int]) -> TrainResult:
+def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
+                precision: devices.Precision, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
     `train_cut` counts the training rows whose inputs / targets were cut to fit (`rundata.features_for`)."""
+    out = rundir.RunDir(cfg.output_dir)
     model, layers, allocation = built.model, built.layers, trainer.allocation
     rank_pattern = out.write_adapter(method, model, layers, built.head, cfg, built.targets)
     adapter_params = sum(layer.param_count() for layer in layers.values()) if method.adapter else \
