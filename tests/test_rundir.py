@@ -105,3 +105,13 @@ def test_the_run_config_is_read_once_per_run_object(run, monkeypatch):
     assert folder.config is folder.config and folder.config.data_dir == "/elsewhere"
     assert folder.adapter is folder.adapter and folder.adapter.method == "dylora"
     assert len(reads) == 1
+
+
+def test_a_file_written_again_is_read_again(tmp_path):
+    run = rundir.RunDir(tmp_path)
+    assert run.metrics == {} and run.rank_history == []  # absent: training has not finished
+    run.write_json(run.METRICS, {"steps": 3, "eval": {"accuracy": 0.75}})
+    run.write_json(run.RANK_HISTORY, [{"step": 1, "budget": 64}])
+    assert run.metrics == {"steps": 3, "eval": {"accuracy": 0.75}} and run.rank_history == [{"step": 1, "budget": 64}]
+    run.reset()
+    assert run.metrics == {} and list(tmp_path.iterdir()) == []
