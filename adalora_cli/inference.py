@@ -60,7 +60,8 @@ def sharded_outputs(compute, features, batch_size: int):
     if distributed.rank_and_size()[1] == 1:
         return compute(features)
     start, end = distributed.shard_bounds(len(features), batch_size)
-    return merge_outputs(distributed.gather_parts(compute(features.select(range(start, end)))))
+    shard = features.select(range(start, end) if end > start else [])  # `datasets` refuses an empty range at the end
+    return merge_outputs(distributed.gather_parts(compute(shard)))
 
 
 def merge_outputs(parts: list):
