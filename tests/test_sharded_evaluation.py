@@ -179,7 +179,7 @@ def test_eval_of_a_squad_run_with_questions_over_several_windows(tiny_bert_dir, 
     train, dev = (tmp_path / f"{name}.json" for name in ("train", "dev"))
     train.write_text(json.dumps({"version": data["version"], "data": data["data"][:1]}))
     dev.write_text(json.dumps({"version": data["version"], "data": data["data"][1:2]}))
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # 15 questions in 117 windows of 64 tokens: the shards (60 + 57) split question 7's windows
     train_tiny("lora", "--task", "squad", "--model", tiny_bert_dir, "--train-file", train, "--validation-file", dev,
                "--output-dir", run, "--max-steps", "2", "--batch-size", "8", "--max-train-samples", "16",
                "--max-eval-samples", "15", "--max-seq-length", "64", "--doc-stride", "24",
