@@ -85,7 +85,11 @@ def across_processes(command):
         if world_size() == 1 or _group() is not None:
             return command(*args, **kwargs)
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}); use "
+                                f"--nproc_per_node {gpus} or fewer, one GPU per process")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if not is_main():
             logging.getLogger("adalora_cli").setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ process gets the merged outputs of all of them, and the metrics are those of one
 - Shards of a real model's outputs (a forward task and SQuAD's windows) merge into one process's outputs, bit for bit.
 - `adalora eval` under `torchrun --nproc_per_node 2` (gloo) prints and writes the metrics of one process, once, for a
   classification run (trained under torchrun: its final evaluation is sharded too), a generation run with repeated
-  inputs, and a SQuAD run whose questions span several windows.
+  inputs, and a SQuAD run whose questions span several windows; `adalora predict` prints the lines of one process.
 """
 
 from __future__ import annotations
@@ -156,6 +156,12 @@ def test_eval_of_a_classification_run_trained_on_two_processes(tiny_bert_dir, gl
     assert alone == metrics["eval"] and set(alone) == {"accuracy"}  # the final evaluation under torchrun: the same
     during = [e for e in json.loads((run / "train_log.json").read_text()) if "eval_accuracy" in e]
     assert [e["step"] for e in during] == [2, 4] and during[-1]["eval_accuracy"] == alone["accuracy"]
+
+    rows = tmp_path / "rows.tsv"  # predict shares its rows out too: the same lines, printed once, in order
+    rows.write_text("".join((glue_dir / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines(True)[:16]))
+    predict = ["predict", run, "--input", rows, "--batch-size", "4"]
+    (one, _), (two, traces) = run_cli(predict, tmp_path / "p1", 1), run_cli(predict, tmp_path / "p2", 2)
+    assert two == one and len(one.splitlines()) == 15 and traces[1]["writes"] == []
 
 
 def test_eval_of_a_generation_run_with_repeated_inputs(generators, question_generation, tmp_path):
