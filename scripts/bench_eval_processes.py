@@ -4,8 +4,9 @@ that both give the same metrics.
     python scripts/bench_eval_processes.py runs/sst2 --processes 2            # GPUs: one per process (NCCL)
     python scripts/bench_eval_processes.py runs/sst2 --processes 2 --cpu      # CPU processes (gloo)
 
-With --cpu the GPUs are hidden; the single process computes with every core and each of the N processes with
-cores / N threads (--threads to choose). Both commands write RUN/eval.json, as `adalora eval` does. Prints both wall
+With --cpu the GPUs are hidden; the single process computes with every core (--single-threads to choose) and each
+of the N processes with cores / N threads (--threads). On a busy machine a process of several threads can be slower
+than one of a single thread: compare with --single-threads 1 before crediting the processes. Both commands write RUN/eval.json, as `adalora eval` does. Prints both wall
 times (model loading and data included: what a person waits for) and exits 1 when the metrics differ.
 """
 
@@ -41,13 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="hide the GPUs: CPU processes on the gloo backend")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of each of the N processes (default: cores / N)")
+    parser.add_argument("--single-threads", type=int, default=None,
+                        help="CPU threads of the single process (default: PyTorch's, every core)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    one_wall, one = timed_eval(args.run, 1, env)
+    one_env = env if args.single_threads is None else {**env, "OMP_NUM_THREADS": str(args.single_threads)}
+    one_wall, one = timed_eval(args.run, 1, one_env)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     many_wall, many = timed_eval(args.run, args.processes, {**env, "OMP_NUM_THREADS": str(threads)})
     same = one == many
