@@ -15,7 +15,6 @@ import torch
 from adalora_cli import devices, distributed
 from adalora_cli.tasks import Task
 
-
 def model_outputs(model, features, tokenizer, batch_size: int, precision: devices.Precision | str = "fp32",
                   progress: str | None = None):
     """The model's outputs (all but the loss) over `features`, in order, as float32 numpy arrays, computed under

@@ -148,14 +148,15 @@ def test_eval_of_a_classification_run_trained_on_two_processes(tiny_bert_dir, gl
     run = tmp_path / "run"  # 15 rows in batches of 4: shards of 8 and 7 rows
     train = ["train", "--task", "sst2", "--method", "lora", "--model", tiny_bert_dir, "--data-dir", glue_dir,
              "--output-dir", run, "--budget", "4k", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
-             "--max-train-samples", "32", "--max-eval-samples", "15", "--max-seq-length", "32",
+             "--keep-best", "--max-train-samples", "32", "--max-eval-samples", "15", "--max-seq-length", "32",
              "--set", "eval_batch_size=4", *ON_CPU]
     run_cli(train, tmp_path / "train", 2)
     metrics = json.loads((run / "metrics.json").read_text())
     alone = check_eval_on_two_processes(run, tmp_path)
     assert alone == metrics["eval"] and set(alone) == {"accuracy"}  # the final evaluation under torchrun: the same
     during = [e for e in json.loads((run / "train_log.json").read_text()) if "eval_accuracy" in e]
-    assert [e["step"] for e in during] == [2, 4] and during[-1]["eval_accuracy"] == alone["accuracy"]
+    assert [e["step"] for e in during] == [2, 4]  # every process loaded the kept adapter before the final evaluation
+    assert metrics["best"]["value"] == alone["accuracy"] == during[metrics["best"]["step"] // 2 - 1]["eval_accuracy"]
 
     rows = tmp_path / "rows.tsv"  # predict shares its rows out too: the same lines, printed once, in order
     rows.write_text("".join((glue_dir / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines(True)[:16]))
