@@ -272,6 +272,8 @@ def eval_(
 
     result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_,
                       columns=_columns(locals()))
+    if result is None:  # another process of torchrun: the main one prints
+        return
     if rank_sweep:
         names = sorted({name for metrics in result.values() for name in metrics})
         typer.echo("rank  " + "  ".join(f"{n:>10s}" for n in names))

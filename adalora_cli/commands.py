@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from adalora_cli import files, rundir
+from adalora_cli import distributed, files, rundir
 from adalora_cli.errors import UserError
 from adalora_cli.evaluation import evaluate
-from adalora_cli.inference import decoding, task_outputs
+from adalora_cli.inference import decoding, sharded_outputs, task_outputs
 from adalora_cli.rundata import (apply_file_columns, configured_task, max_length, quiet_datasets, read_data,
                                  require_hub)
 
@@ -42,14 +42,16 @@ def _load_for_inference(run: rundir.RunDir, rank: int | None, sweep: bool = Fals
     return loaded, r_max
 
 
+@distributed.across_processes
 def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, rank_sweep: bool = False,
-             input_path: Path | None = None, columns: dict[str, str | None] | None = None) -> dict[str, Any]:
+             input_path: Path | None = None, columns: dict[str, str | None] | None = None) -> dict[str, Any] | None:
     """Reload a run (or native export) and evaluate it; writes eval.json into the run folder.
 
     With `rank`, an any-rank adapter (DyLoRA) is evaluated truncated to that rank; with `rank_sweep`, at
     every rank from 1 to r_max (written to eval_ranks.json and drawn in eval_ranks.png). With `input_path`, a
     labelled file in the run's task format (its columns named by `columns` where they differ from the run's) is
-    scored instead of the run's evaluation data, into eval-<file stem>.json.
+    scored instead of the run's evaluation data, into eval-<file stem>.json. Under torchrun each process evaluates
+    its shard of the rows; the main process writes the files and returns the metrics, the others return None.
     """
     quiet_datasets()
     run = rundir.RunDir(run, data_dir)
@@ -71,12 +73,16 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
             set_rank(layers, b)
             by_rank[b] = evaluate(model, tokenizer, task, evals, cfg, precision)
             logger.info("rank %d: %s", b, by_rank[b])
+        if not distributed.is_main():
+            return None
         run.write_json(run.EVAL_RANKS, {str(b): m for b, m in by_rank.items()})
         from adalora_cli.report import plot_rank_sweep
 
         plot_rank_sweep(by_rank, run / run.EVAL_RANKS_PLOT, f"{run.path.resolve().name}: any-rank evaluation")
         return by_rank
     metrics = evaluate(model, tokenizer, task, evals, cfg, precision)
+    if not distributed.is_main():
+        return None
     record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
     if task.generates:
         record["decoding"] = decoding(model, tokenizer, task)
@@ -96,12 +102,13 @@ def set_rank(layers: dict, rank: int) -> None:
 PREDICT_FORMATS = ("jsonl", "glue")
 
 
+@distributed.across_processes
 def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: str = "jsonl",
                 rank: int | None = None, batch_size: int | None = None,
                 columns: dict[str, str | None] | None = None) -> int:
     """Predict every row of `input_path` with a trained run; writes JSONL (or GLUE's leaderboard TSV) to `output`
     (atomically) or to stdout. `columns` names the file's columns where they differ from the run's. Returns the
-    number of rows."""
+    number of rows. Under torchrun each process runs its shard of the rows and the main process writes them all."""
     quiet_datasets()
     if fmt not in PREDICT_FORMATS:
         raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(PREDICT_FORMATS)}")
@@ -119,8 +126,13 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     task = task.with_settings(**given)
     precision = cfg.compute_precision()
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
-    outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
-                           precision, progress=f"predicting {len(raw):,} rows")
+    batch_size = batch_size or cfg.eval_batch_size
+    progress = f"predicting {len(raw):,} rows" if distributed.is_main() else None
+    outputs = sharded_outputs(lambda shard: task_outputs(model, shard, tokenizer, task, batch_size,
+                                                         precision, progress=progress),
+                              features, batch_size)
+    if not distributed.is_main():
+        return len(raw)
     records = task.prediction_records(outputs, raw, features)
     if fmt == "glue":
         text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))

@@ -3,13 +3,17 @@
 Training itself is the Trainer's DDP: gradients are all-reduced before `optimizer.step()`, so every
 allocator sees the same gradients and takes the same decision on every process (PRILoRA all-reduces its
 input statistics itself). What is left to us: the run directory is written by the main process only,
-the other processes wait for it at the two points where it changes under them, and DeepSpeed ZeRO
-configurations that would hide the tensors an allocator reads or edits are refused.
+the other processes wait for it at the two points where it changes under them, evaluation is shared out
+(each process runs the model over its shard of the rows, `shard_bounds`, and every process gets every part,
+`gather_parts`), and DeepSpeed ZeRO configurations that would hide the tensors an allocator reads or edits
+are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,81 @@ from adalora_cli.errors import UserError
 def world_size() -> int:
     """Processes of this run, from the launcher's environment (torchrun and accelerate set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _group():
+    """torch.distributed when a process group is running (torchrun: started by the Trainer or by
+    `across_processes`), else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the running process group; (0, 1) without one."""
+    dist = _group()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints: rank 0, or the only process."""
+    return rank_and_size()[0] == 0
+
+
+def shard_bounds(n: int, unit: int = 1) -> tuple[int, int]:
+    """This process's contiguous [start, end) of `n` rows: rank r of w processes gets the r-th of w balanced,
+    consecutive runs of whole units of `unit` rows (the last unit may be short); a process may get none.
+
+    With `unit` = the batch size, every batch a process runs is a batch the single process would run, so the
+    outputs are the single process's, bit for bit on the same device (a batch's padding width and float
+    rounding depend on which rows share it)."""
+    rank, size = rank_and_size()
+    units = -(-n // unit)
+    share, extra = divmod(units, size)
+    first = rank * share + min(rank, extra)
+    last = first + share + (1 if rank < extra else 0)
+    return min(first * unit, n), min(last * unit, n)
+
+
+def gather_parts(part) -> list:
+    """Every process's `part`, in rank order, on every process ([part] in a single process). The parts travel
+    pickled (`all_gather_object`): with NCCL through this process's current CUDA device, which the Trainer and
+    `across_processes` set to the process's own GPU."""
+    dist = _group()
+    if dist is None:
+        return [part]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def across_processes(command):
+    """Run `command` (`adalora eval` / `predict`) on every process that torchrun started: the process group is
+    started first (NCCL with one GPU per process, `LOCAL_RANK`, where there are GPUs; gloo on CPUs) and ended
+    after; the other processes log warnings only. In a single process `command` runs as it is."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        import torch
+        import torch.distributed as dist
+
+        if world_size() == 1 or _group() is not None:
+            return command(*args, **kwargs)
+        if torch.cuda.is_available():
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}); use "
+                                f"--nproc_per_node {gpus} or fewer, one GPU per process")
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not is_main():
+            logging.getLogger("adalora_cli").setLevel(logging.WARNING)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+
+    return run
 
 
 def barrier() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adalora_cli import devices
+from adalora_cli import devices, distributed
 from adalora_cli.tasks import Task
 
 def model_outputs(model, features, tokenizer, batch_size: int, precision: devices.Precision | str = "fp32",
@@ -50,6 +50,30 @@ def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
     width = max(a.shape[1] for a in arrays)
     return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
                                   constant_values=-np.inf) for a in arrays])
+
+
+def sharded_outputs(compute, features, batch_size: int):
+    """`compute(features)` (a task's outputs) shared out among the processes of torchrun: each runs it on its shard
+    of the rows (whole batches, `distributed.shard_bounds`), and every process returns the merged outputs of all
+    rows, in order, as one process computes them. In a single process: `compute(features)`."""
+    if distributed.rank_and_size()[1] == 1:
+        return compute(features)
+    start, end = distributed.shard_bounds(len(features), batch_size)
+    shard = features.select(range(start, end) if end > start else [])  # `datasets` refuses an empty range at the end
+    return merge_outputs(distributed.gather_parts(compute(shard)))
+
+
+def merge_outputs(parts: list):
+    """One output of consecutive shards of rows: arrays (rows first) concatenated in order, the sequence axis padded
+    as one process pads it (`_concat_padded`); dictionaries (generation) with numbers summed and per-row lists
+    concatenated. A shard without rows gave () (no arrays) or empty lists and zeros, which change nothing."""
+    kept = [part for part in parts if len(part)]
+    if not kept:
+        return parts[0]
+    if isinstance(kept[0], dict):
+        return {key: [item for part in kept for item in part[key]] if isinstance(kept[0][key], list)
+                else sum(part[key] for part in kept) for key in kept[0]}
+    return tuple(_concat_padded([part[i] for part in kept]) for i in range(len(kept[0])))
 
 
 def generation_outputs(model, features, tokenizer, task: Task, batch_size: int,

@@ -108,9 +108,9 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
     """Train, save the run directory, evaluate; returns the metrics written to metrics.json and the summary.
 
     With `resume`, continue the run in `cfg.output_dir` from its last complete checkpoint (same settings).
-    Under several processes (torchrun), every process trains and only the main one writes the run
-    directory and evaluates; the others return None. SIGTERM or Ctrl-C stops training after a checkpoint
-    (`errors.Interrupted`).
+    Under several processes (torchrun), every process trains and evaluates its shard of the evaluation rows;
+    only the main one writes the run directory; the others return None. SIGTERM or Ctrl-C stops training after
+    a checkpoint (`errors.Interrupted`).
     """
     quiet_datasets()
     method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
@@ -152,7 +152,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
         trainer = _make_trainer(cfg, task, evals, built, method, method_cfg, args, train_features, resume_from,
                                 precision)
         runtime = _train(trainer, resume_from, out, method, precision)
-        if not main:
+        if not main:  # its shard of the evaluation in _finish_run, while the main process writes the run folder
+            evaluate(built.model, built.tokenizer, task, evals, cfg, precision)
             return None
         return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
                            train_cut)

@@ -254,13 +254,15 @@ class AdapterTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The run's own evaluation (the one `adalora eval` runs), on the adapter as it would be saved now.
 
-        The main process evaluates and shares the numbers, so that every process takes the same --keep-best and
-        --early-stopping decisions. An adaptive method's adapter holds more than the budget until its final
-        phase: such an evaluation is logged but marked `at_final_budget: false`, and never chosen.
+        Every process evaluates its shard of the rows and computes the metrics of all of them (`evaluate`); the
+        main process's numbers are then shared, so that every process takes the same --keep-best and
+        --early-stopping decisions even where a metric's float sums could depend on the process (Python's string
+        hashing orders sets). An adaptive method's adapter holds more than the budget until its final phase: such
+        an evaluation is logged but marked `at_final_budget: false`, and never chosen.
         """
         allocator = self.allocation.allocator if self.allocation is not None else None
         with allocator.evaluation_view() if allocator is not None else contextlib.nullcontext():
-            metrics = self.evaluator() if self.is_world_process_zero() else None
+            metrics = self.evaluator()
         metrics = distributed.broadcast_object(metrics)
         self.eval_at_final_budget = allocator.at_final_budget() if allocator is not None else True
         logs = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}

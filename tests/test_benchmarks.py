@@ -38,3 +38,17 @@ def test_bench_quality_tiny(glue_dir, tiny_bert_dir, tmp_path):
         assert f"| {method} |" in text
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert len(runs) == 3 and all(r["adapter_params"] <= 4000 for r in runs if r["method"] != "peft-adalora")
+
+
+def test_bench_eval_processes_tiny(glue_dir, tiny_bert_dir, tmp_path):
+    from conftest import train_tiny
+
+    run, out = tmp_path / "run", tmp_path / "bench.json"
+    train_tiny("lora", "--task", "sst2", "--model", tiny_bert_dir, "--data-dir", glue_dir, "--output-dir", run,
+               "--max-steps", "1", "--max-train-samples", "8", "--max-eval-samples", "9", "--set", "eval_batch_size=2")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_eval_processes.py"), str(run), "--processes", "2",
+                           "--cpu", "--threads", "1", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["equal"] and set(result["one"]) == {"accuracy"} and result["processes_s"] > 0
+    assert "metrics equal" in proc.stdout
