@@ -210,8 +210,7 @@ def eval_(
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
     from adalora_cli.commands import run_eval
 
-    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_,
-                      columns=columns)
+    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_, columns=columns)
     if rank_sweep:
         names = sorted({name for metrics in result.values() for name in metrics})
         typer.echo("rank  " + "  ".join(f"{n:>10s}" for n in names))
