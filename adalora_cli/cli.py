@@ -7,14 +7,23 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from typer.core import TyperCommand, TyperGroup
 
-from adalora_cli.config import RunConfig
+from adalora_cli.config import DATA, TASK_SETTINGS, RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
+from adalora_cli.options import with_field_options
+
+# The click that typer parses with and whose exceptions it raises: its own copy (`typer._click`, recent typer) or
+# the click package (older typer)
+_click = getattr(typer.core, "_click", None) or typer.core.click
+ClickException = _click.exceptions.ClickException
+NoArgsIsHelpError = getattr(_click.exceptions, "NoArgsIsHelpError", ())  # click < 8.2 exits 0 with the help instead
 
 
 class OneLineErrors(TyperGroup):
@@ -26,15 +35,13 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except Exception as exc:  # click's exception classes live in typer's own copy of click: match by shape
-            if type(exc).__name__ == "Abort":
-                typer.echo("adalora: aborted", err=True)
-                sys.exit(130)
-            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
-                raise
-            if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help is the answer
-                exc.show()
-                sys.exit(exc.exit_code)
+        except typer.Abort:  # typer's Abort, or click's where typer re-exports it
+            typer.echo("adalora: aborted", err=True)
+            sys.exit(130)
+        except NoArgsIsHelpError as exc:  # no arguments at all: the help is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             typer.echo(f"adalora: error: {exc.format_message()}{hint}", err=True)
@@ -127,129 +134,68 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _default(key: str) -> str:
-    """A RunConfig default as `--help` shows it."""
-    value = getattr(RunConfig(), key)
-    return "none" if value is None else str(value)
+# -- Task settings: declared here until the task settings classes carry this metadata; after merging issue 19's
+# branches, the lead replaces this block by `tasks.settings_classes()` (TASK_OPTIONS, below).
+@dataclass
+class _TaskOptions:
+    dataset: str | None = field(default=None, metadata={
+        "help": "Hub dataset for text-classification / text-regression.", "panel": DATA})
+    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration.", "panel": DATA})
+    text_column: str | None = field(default=None, metadata={
+        "help": "Text column.", "shown": "text / sentence / sentence1", "panel": DATA, "column": True})
+    text_pair_column: str | None = field(default=None, metadata={
+        "help": "Second text of a pair.", "shown": "text_pair / sentence2 if present", "panel": DATA, "column": True})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Label column.", "shown": "label / labels / score", "panel": DATA, "column": True})
+    source_column: str | None = field(default=None, metadata={
+        "help": "Generation: source text column.", "shown": "the task's (source / input / document ...)",
+        "panel": DATA, "column": True})
+    target_column: str | None = field(default=None, metadata={
+        "help": "Generation: target text column.", "shown": "the task's (target / output / summary ...)",
+        "panel": DATA, "column": True})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "causal-lm: prompt column.", "shown": "prompt", "panel": DATA, "column": True})
+    completion_column: str | None = field(default=None, metadata={
+        "help": "causal-lm: completion column (the loss is on it only).", "shown": "completion", "panel": DATA,
+        "column": True})
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens shared by context windows."})
 
 
-def _opt(key: str, help_: str, *names: str, shown: str | None = None, panel: str | None = None):
-    """An option of `train` whose help shows the RunConfig default (or `shown`)."""
-    return typer.Option(*names, help=f"{help_}  [default: {shown if shown is not None else _default(key)}]",
-                        show_default=False, rich_help_panel=panel)
+TASK_OPTIONS = (_TaskOptions,)
 
 
-DATA = "Data"
-EVAL = "Evaluation during training"
+def _train_option(cls, f) -> bool:
+    return not (cls is RunConfig and f.name in TASK_SETTINGS)  # RunConfig's task settings: above, in _TaskOptions
+# -- end of the task settings block
 
 
 @app.command(cls=PlainHelp)
 @user_errors
+@with_field_options((RunConfig, *TASK_OPTIONS), where=_train_option)
 def train(
-    task: Annotated[Optional[str], _opt("task", "Required (here or in --config): text-classification, "
-                                        "text-regression, sst2, mnli, ..., squad, xsum, seq2seq, causal-lm, ... "
-                                        "(`adalora tasks`).", shown="none")] = None,
-    output_dir: Annotated[Optional[str], _opt("output_dir", "Required (here or in --config): the run directory to "
-                                              "write.", shown="none")] = None,
-    method: Annotated[Optional[str], _opt("method", "lora, adalora, prilora, dylora or full (`adalora methods`).")] = None,
-    budget: Annotated[Optional[str], _opt("budget", "Adapter parameters at the end: 300000, 300k, 0.3M.",
-                                          shown="none (each method's own default ranks)")] = None,
-    model: Annotated[Optional[str], _opt("model", "Hub id, local folder, or minilm-l6 (embedded).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; options override it.")] = None,
-    data_dir: Annotated[Optional[str], _opt("data_dir", "Local data folder (GLUE TSVs, SQuAD JSON).",
-                                            shown="none: the hub", panel=DATA)] = None,
-    train_file: Annotated[Optional[str], _opt("train_file", "Training file (.csv .tsv .json .jsonl; GLUE TSV, "
-                                              "SQuAD JSON).", panel=DATA)] = None,
-    validation_file: Annotated[Optional[str], _opt("validation_file", "Evaluation file.", panel=DATA)] = None,
-    validation_split: Annotated[Optional[float], _opt("validation_split", "Share of the training data held out for "
-                                                      "evaluation when no validation data is given.", panel=DATA)] = None,
-    dataset: Annotated[Optional[str], _opt("dataset", "Hub dataset for text-classification / text-regression.",
-                                           panel=DATA)] = None,
-    dataset_config: Annotated[Optional[str], _opt("dataset_config", "Its configuration.", panel=DATA)] = None,
-    text_column: Annotated[Optional[str], _opt("text_column", "Text column.", shown="text / sentence / sentence1",
-                                               panel=DATA)] = None,
-    text_pair_column: Annotated[Optional[str], _opt("text_pair_column", "Second text of a pair.",
-                                                    shown="text_pair / sentence2 if present", panel=DATA)] = None,
-    label_column: Annotated[Optional[str], _opt("label_column", "Label column.", shown="label / labels / score",
-                                                panel=DATA)] = None,
-    source_column: Annotated[Optional[str], _opt("source_column", "Generation: source text column.",
-                                                 shown="the task's (source / input / document ...)", panel=DATA)] = None,
-    target_column: Annotated[Optional[str], _opt("target_column", "Generation: target text column.",
-                                                 shown="the task's (target / output / summary ...)", panel=DATA)] = None,
-    prompt_column: Annotated[Optional[str], _opt("prompt_column", "causal-lm: prompt column.", shown="prompt",
-                                                 panel=DATA)] = None,
-    completion_column: Annotated[Optional[str], _opt("completion_column", "causal-lm: completion column (the loss "
-                                                     "is on it only).", shown="completion", panel=DATA)] = None,
-    epochs: Annotated[Optional[float], _opt("epochs", "Training epochs.")] = None,
-    max_steps: Annotated[Optional[int], _opt("max_steps", "Optimizer steps; overrides --epochs.")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size", "Examples per device per micro-batch.")] = None,
-    gradient_accumulation_steps: Annotated[Optional[int], _opt("gradient_accumulation_steps",
-                                                               "Micro-batches per optimizer step.")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "Peak learning rate.", shown="the method's")] = None,
-    max_seq_length: Annotated[Optional[int], _opt("max_seq_length", "Tokens per example.", shown="the task's")] = None,
-    doc_stride: Annotated[Optional[int], _opt("doc_stride", "SQuAD: tokens shared by context windows.")] = None,
-    max_train_samples: Annotated[Optional[int], _opt("max_train_samples", "Use only the first N training rows.")] = None,
-    max_eval_samples: Annotated[Optional[int], _opt("max_eval_samples", "Use only the first N evaluation rows.")] = None,
-    seed: Annotated[Optional[int], _opt("seed", "Random seed.")] = None,
-    precision: Annotated[Optional[str], _opt("precision", "auto (bf16 or fp16 autocast on a GPU, fp32 on a CPU), "
-                                             "fp32, bf16 or fp16.")] = None,
-    eval_every: Annotated[Optional[str], _opt("eval_every", "Evaluate every N optimizer steps, or 'epoch'.",
-                                              panel=EVAL)] = None,
-    keep_best: Annotated[Optional[bool], _opt("keep_best", "Save the best evaluated adapter (at the final budget), "
-                                              "not the last.", panel=EVAL)] = None,
-    metric: Annotated[Optional[str], _opt("metric", "Metric for --keep-best / --early-stopping.",
-                                          shown="the task's main metric", panel=EVAL)] = None,
-    early_stopping: Annotated[Optional[int], _opt("early_stopping", "Stop after N evaluations without improvement.",
-                                                  panel=EVAL)] = None,
-    report_to: Annotated[Optional[str], _opt("report_to", "tensorboard, wandb, mlflow or none (logs in "
-                                             "OUTPUT_DIR/logs).")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "Recompute activations.")] = None,
-    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "Allow model code from the hub.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.t_init=200 (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output-dir from its last checkpoint.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.t_init=200 (repeatable).")] = None,
+    **options,
 ) -> None:
     """Fine-tune a model on a task with an adapter method, then evaluate it."""
-    options = {key: value for key, value in locals().items() if key not in ("config", "set_", "overwrite", "resume")}
     from adalora_cli.config import make_config
     from adalora_cli.pipeline import run_train
 
-    cfg = make_config(config, set_, options)
-    if resume and cfg.output_dir:  # the run's saved settings, under whatever is given again now
-        from adalora_cli.checkpoints import saved_settings
-
-        cfg = make_config(config, set_, options, base=saved_settings(cfg.output_dir))
-
-    result = run_train(cfg, overwrite=overwrite, resume=resume)
+    result = run_train(make_config(config, set_, options, resume=resume), overwrite=overwrite, resume=resume)
     if result is not None:  # None on the other processes of a multi-process run
         typer.echo(result.summary)
 
 
 COLUMNS = "Columns of the file, where they differ from the run's"
-
-
-def _column(help_: str):
-    """A column option of `eval --input` and `predict`: the file's name for one of the run's columns."""
-    return typer.Option(help=help_, show_default="the run's", rich_help_panel=COLUMNS)
-
-
-TextColumnOpt = Annotated[Optional[str], _column("Text column.")]
-TextPairColumnOpt = Annotated[Optional[str], _column("Second text of a pair.")]
-LabelColumnOpt = Annotated[Optional[str], _column("Label column (eval).")]
-SourceColumnOpt = Annotated[Optional[str], _column("Generation: source text column.")]
-TargetColumnOpt = Annotated[Optional[str], _column("Generation: target text column (eval).")]
-PromptColumnOpt = Annotated[Optional[str], _column("causal-lm: prompt column.")]
-CompletionColumnOpt = Annotated[Optional[str], _column("causal-lm: completion column (eval).")]
-
-
-def _columns(options: dict) -> dict[str, Optional[str]]:
-    from adalora_cli.rundata import COLUMN_OPTIONS
-
-    return {key: options[key] for key in COLUMN_OPTIONS}
+column_options = with_field_options(TASK_OPTIONS, where=lambda cls, f: f.metadata.get("column"), panel=COLUMNS,
+                                    shown="the run's")  # the options of `eval --input` and `predict`
 
 
 @app.command("eval", cls=PlainHelp)
 @user_errors
+@column_options
 def eval_(
     run: RunDirArg,
     data_dir: DataDirOpt = None,
@@ -259,19 +205,12 @@ def eval_(
                                                    )] = None,
     rank: Annotated[Optional[int], typer.Option(help="Evaluate an any-rank (DyLoRA) adapter at this rank.")] = None,
     rank_sweep: Annotated[bool, typer.Option(help="Evaluate an any-rank adapter at every rank 1..r_max.")] = False,
-    text_column: TextColumnOpt = None,
-    text_pair_column: TextPairColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    source_column: SourceColumnOpt = None,
-    target_column: TargetColumnOpt = None,
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
+    **columns: Optional[str],
 ) -> None:
     """Reload a trained run (base model, adapter, head) and evaluate it; writes RUN/eval.json."""
     from adalora_cli.commands import run_eval
 
-    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_,
-                      columns=_columns(locals()))
+    result = run_eval(run, data_dir, rank=rank, rank_sweep=rank_sweep, input_path=input_, columns=columns)
     if result is None:  # another process of torchrun: the main one prints
         return
     if rank_sweep:
@@ -285,6 +224,7 @@ def eval_(
 
 @app.command(cls=PlainHelp)
 @user_errors
+@column_options
 def predict(
     run: RunDirArg,
     input_: Annotated[Path, typer.Option("--input", help="Rows to predict: the task's input columns (.csv .tsv .json "
@@ -295,18 +235,12 @@ def predict(
     rank: Annotated[Optional[int], typer.Option(help="Predict with an any-rank (DyLoRA) adapter at this rank.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch.", show_default="the run's "
                                                       "eval_batch_size")] = None,
-    text_column: TextColumnOpt = None,
-    text_pair_column: TextPairColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    source_column: SourceColumnOpt = None,
-    target_column: TargetColumnOpt = None,
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
+    **columns: Optional[str],
 ) -> None:
     """Predict new rows with a trained run: one JSON line per input row, in input order."""
     from adalora_cli.commands import run_predict
 
-    run_predict(run, input_, output, format_, rank, batch_size, columns=_columns(locals()))
+    run_predict(run, input_, output, format_, rank, batch_size, columns=columns)
 
 
 @app.command("export-adapter", cls=PlainHelp)

@@ -29,6 +29,7 @@ TASK_SETTINGS = ("doc_stride", "n_best", "max_answer_length", "null_threshold", 
                  "source_column", "target_column", "prompt_column", "completion_column", "max_target_length",
                  "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+DATA, EVAL = "Data", "Evaluation during training"  # help sections (`panel` in a field's metadata) besides "Options"
 MAX_SAVE_STEPS = 500  # the longest default checkpoint interval, in optimizer steps
 
 
@@ -40,14 +41,25 @@ def default_save_steps(optimizer_steps: int) -> int:
 
 @dataclass
 class RunConfig:
-    task: str | None = None
-    method: str = "adalora"
-    model: str = DEFAULT_MODEL
-    budget: int | None = None  # adapter parameters at the end of training, head excluded
-    data_dir: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    validation_split: float = 0.1  # share of the training data held out when no validation data is given
+    """Every setting of a run. A user-settable field's metadata (help, panel, shown) makes it a `train` option
+    (adalora_cli/options.py); `internal` fields are filled by code."""
+
+    task: str | None = field(default=None, metadata={
+        "help": "Required (here or in --config): text-classification, text-regression, sst2, mnli, ..., squad, xsum, "
+                "seq2seq, causal-lm, ... (`adalora tasks`)."})
+    method: str = field(default="adalora", metadata={"help": "lora, adalora, prilora, dylora or full "
+                                                             "(`adalora methods`)."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id, local folder, or minilm-l6 (embedded)."})
+    budget: int | None = field(default=None, metadata={  # adapter parameters at the end of training, head excluded
+        "help": "Adapter parameters at the end: 300000, 300k, 0.3M.", "shown": "none (each method's own default ranks)",
+        "option_type": str})  # read as text, parsed by from_dict
+    data_dir: str | None = field(default=None, metadata={"help": "Local data folder (GLUE TSVs, SQuAD JSON).",
+                                                         "panel": DATA, "shown": "none: the hub"})
+    train_file: str | None = field(default=None, metadata={"help": "Training file (.csv .tsv .json .jsonl; GLUE TSV, "
+                                                           "SQuAD JSON).", "panel": DATA})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation file.", "panel": DATA})
+    validation_split: float = field(default=0.1, metadata={
+        "help": "Share of the training data held out for evaluation when no validation data is given.", "panel": DATA})
     dataset: str | None = None  # a hub dataset for the generic tasks (`datasets.load_dataset(dataset, dataset_config)`)
     dataset_config: str | None = None
     dataset_train_split: str = "train"
@@ -66,36 +78,46 @@ class RunConfig:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     no_repeat_ngram_size: int | None = None
-    output_dir: str | None = None
-    seed: int = 0
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    lr: float | None = None  # None: the method's default
-    max_seq_length: int | None = None  # None: the task's default
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    logging_steps: int = 10
-    save_steps: int | None = None  # None: a tenth of the run's optimizer steps, at most 500 (default_save_steps)
-    gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto, fp32, bf16 or fp16 (resolved per machine: compute_precision)
-    eval_every: str | None = None  # evaluate during training: every N optimizer steps, or "epoch"
-    keep_best: bool = False  # save the best evaluated adapter (at the final budget) instead of the last
-    metric: str | None = None  # what --keep-best and --early-stopping follow; default: the task's main metric
-    early_stopping: int | None = None  # stop after this many evaluations without improvement
-    report_to: str = "none"  # tensorboard, wandb, mlflow or none; logs in OUTPUT_DIR/logs
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Required (here or in --config): the run directory to write."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides --epochs."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per device per micro-batch."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Examples per device per evaluation batch."})
+    lr: float | None = field(default=None, metadata={"help": "Peak learning rate.", "shown": "the method's"})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens per example.", "shown": "the task's"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of the optimizer steps over which the "
+                                                                "learning rate rises to its peak."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this norm."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    save_steps: int | None = field(default=None, metadata={  # None: default_save_steps, or every evaluation
+        "help": "Checkpoint every N optimizer steps.",
+        "shown": "a tenth of the run's steps, at most 500; with --keep-best every evaluation"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations."})
+    precision: str = field(default="auto", metadata={  # resolved per machine: compute_precision
+        "help": "auto (bf16 or fp16 autocast on a GPU, fp32 on a CPU), fp32, bf16 or fp16."})
+    eval_every: str | None = field(default=None, metadata={
+        "help": "Evaluate every N optimizer steps, or 'epoch'.", "panel": EVAL})
+    keep_best: bool = field(default=False, metadata={
+        "help": "Save the best evaluated adapter (at the final budget), not the last.", "panel": EVAL})
+    metric: str | None = field(default=None, metadata={
+        "help": "Metric for --keep-best / --early-stopping.", "shown": "the task's main metric", "panel": EVAL})
+    early_stopping: int | None = field(default=None, metadata={
+        "help": "Stop after N evaluations without improvement.", "panel": EVAL})
+    report_to: str = field(default="none", metadata={
+        "help": "tensorboard, wandb, mlflow or none (logs in OUTPUT_DIR/logs)."})
     doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
     n_best: int = 20  # question answering: start and end candidates per window
     max_answer_length: int = 30  # question answering: longest answer, in tokens
     null_threshold: float = 0.0  # SQuAD v2.0: answer "" when null score - best span score exceeds it
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})  # per section
-    trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments
+    trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments: a section, `--set trainer.x=...`
 
     def method_config(self, name: str | None = None):
         """The typed, validated hyper-parameters of method `name` (default: this run's method)."""
@@ -340,13 +362,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_config(file: str | Path | None = None, sets: list[str] | None = None,
-                options: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
-    """The RunConfig from a YAML file, `--set` items and explicit options (None values are skipped), on top of
-    `base` (a run's saved settings, when resuming it)."""
-    raw = _merge(base or {}, read_yaml(file) if file else {})
-    raw = _merge(raw, parse_set(sets or []))
-    raw = _merge(raw, {k: v for k, v in (options or {}).items() if v is not None})
-    return from_dict(raw)
+                options: dict[str, Any] | None = None, resume: bool = False) -> RunConfig:
+    """The RunConfig from a YAML file, `--set` items and explicit options (None values are skipped); with `resume`,
+    on top of the settings the run in the output directory they name was started with."""
+    layers = [read_yaml(file) if file else {}, parse_set(sets or []),
+              {k: v for k, v in (options or {}).items() if v is not None}]
+    if resume and _merged(layers).get("output_dir") is not None:
+        from adalora_cli.checkpoints import saved_settings
+
+        layers.insert(0, saved_settings(Path(str(_merged(layers)["output_dir"]))))
+    return from_dict(_merged(layers))
+
+
+def _merged(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layers merged, a later one over an earlier one (sections key by key)."""
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        raw = _merge(raw, layer)
+    return raw
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -92,3 +92,25 @@ def test_the_default_checkpoint_interval_scales_with_the_run():
     given = RunConfig(task="sst2", max_steps=300, save_steps=7)
     given.resolve_save_steps(1000)
     assert given.save_steps == 7
+
+
+def test_resume_puts_the_given_settings_over_the_run_s_saved_ones(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("task: sst2\nlr: 0.5\nbatch_size: 8\nseed: 3\nadalora:\n  t_init: 5\n"
+                                     "  t_final: 7\n", encoding="utf-8")
+    given = tmp_path / "given.yaml"
+    given.write_text("seed: 4\n", encoding="utf-8")
+    cfg = make_config(given, ["adalora.t_final=9"], {"output_dir": str(out), "batch_size": 16, "lr": None},
+                      resume=True)
+    assert (cfg.task, cfg.lr, cfg.batch_size, cfg.seed) == ("sst2", 0.5, 16, 4)
+    assert cfg.method_args["adalora"] == {"t_init": 5, "t_final": 9}
+    fresh = make_config(None, ["task=sst2"], {"output_dir": str(out)})
+    assert (fresh.lr, fresh.batch_size, fresh.method_args) == (None, 32, {})
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        make_config(None, ["task=sst2"], {"output_dir": str(tmp_path / "none")}, resume=True)
+    with pytest.raises(UserError, match="holds no config.yaml"):
+        make_config(None, ["task=sst2"], {"output_dir": str(tmp_path)}, resume=True)
