@@ -129,7 +129,9 @@ def _setup_logging() -> None:
 
 def _default(key: str) -> str:
     """A RunConfig default as `--help` shows it."""
-    value = getattr(RunConfig(), key)
+    from adalora_cli.tasks import setting_default  # a task setting's default (`Task.settings_class`)
+
+    value = getattr(RunConfig(), key) if key in RunConfig.__dataclass_fields__ else setting_default(key)
     return "none" if value is None else str(value)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from adalora_cli import files, rundir
 from adalora_cli.errors import UserError
 from adalora_cli.evaluation import evaluate
-from adalora_cli.inference import decoding, task_outputs
 from adalora_cli.rundata import (apply_file_columns, configured_task, max_length, quiet_datasets, read_data,
                                  require_hub)
 
@@ -62,7 +60,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
     require_hub(cfg, data=eval_file is None)
     _, _, evals = read_data(cfg, training=False, eval_file=eval_file)
     (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, data_dir, rank, rank_sweep)
-    task = task.with_settings(**given)
+    task = task.with_settings(given)
     if rank_sweep:
         by_rank = {}
         for b in range(1, r_max + 1):
@@ -75,9 +73,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
         plot_rank_sweep(by_rank, Path(run) / "eval_ranks.png", f"{Path(run).resolve().name}: any-rank evaluation")
         return by_rank
     metrics = evaluate(model, tokenizer, task, evals, cfg)
-    record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
-    if task.generates:
-        record["decoding"] = decoding(model, tokenizer, task)
+    record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics, **task.record(model, tokenizer)}
     if input_path is None:
         files.write_json(Path(run) / "eval.json", record)
     else:
@@ -92,9 +88,6 @@ def set_rank(layers: dict, rank: int) -> None:
         layer.set_rank(rank)
 
 
-PREDICT_FORMATS = ("jsonl", "glue")
-
-
 def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: str = "jsonl",
                 rank: int | None = None, batch_size: int | None = None,
                 columns: dict[str, str | None] | None = None) -> int:
@@ -102,27 +95,26 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     (atomically) or to stdout. `columns` names the file's columns where they differ from the run's. Returns the
     number of rows."""
     quiet_datasets()
-    if fmt not in PREDICT_FORMATS:
-        raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(PREDICT_FORMATS)}")
+    from adalora_cli.tasks import prediction_formats
+
+    if fmt not in prediction_formats():
+        raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(prediction_formats())}")
     cfg = rundir.read_run_config(run)
     given = apply_file_columns(cfg, columns)
     require_hub(cfg, data=False)
     task = configured_task(cfg)
-    if fmt == "glue" and not hasattr(task, "leaderboard_label"):
-        raise UserError(f"--format glue writes the GLUE leaderboard's TSV; {task.name} is not a GLUE task, use jsonl")
+    if fmt not in task.prediction_formats:
+        raise UserError(f"--format {fmt} does not apply to {task.name} runs; use {' or '.join(task.prediction_formats)}")
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))
     (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, None, rank)
-    task = task.with_settings(**given)
+    task = task.with_settings(given)
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
-    outputs = task_outputs(model, features, tokenizer, task, batch_size or cfg.eval_batch_size,
-                           cfg.compute_precision(), progress=f"predicting {len(raw):,} rows")
+    outputs = task.outputs(model, features, tokenizer, batch_size or cfg.eval_batch_size, cfg.compute_precision(),
+                           progress=f"predicting {len(raw):,} rows", scoring=False)
     records = task.prediction_records(outputs, raw, features)
-    if fmt == "glue":
-        text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))
-    else:
-        text = "".join(json.dumps({"id": i, **r}, ensure_ascii=False) + "\n" for i, r in zip(ids, records))
+    text = task.format_predictions(records, ids, fmt)
     if output is None:
         sys.stdout.write(text)
     else:

@@ -189,14 +189,14 @@ def load_run(path: Path, data_dir: str | None = None) -> LoadedRun:
     path = Path(path)
     cfg = read_run_config(path, data_dir)
     saved = read_adapter_config(path)
-    method, task = get_method(saved.method), get_task(saved.task).with_settings(**cfg.task_settings())
+    method, task = get_method(saved.method), get_task(saved.task).with_settings(cfg.task_config())
     method_cfg = cfg.method_config(method.name)
     weights_file = path / (ADAPTER if method.adapter else FULL_WEIGHTS)
     weights, head = load_tensors(weights_file), load_tensors(path / HEAD)  # fail on bad files before loading a model
     tokenizer_path = path / TOKENIZER
     task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code,
                                                  str(tokenizer_path) if tokenizer_path.is_dir() else None)
-    model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
+    model, _ = models.load_model(cfg.model, hf_config, task.auto_model, cfg.trust_remote_code)
     layers = {}
     if method.adapter:
         plan = RankPlan(saved.rank_pattern(), cfg.budget)
