@@ -6,7 +6,8 @@ Keys are flat (`lr`, `epochs`, `budget`...) plus one section per method (`adalor
 settings (`squad.doc_stride`: `Task.settings_class`) and `trainer.<TrainingArguments field>` for anything else the
 Hugging Face Trainer accepts. A flat key naming a setting of the run's task (`doc_stride: 64`, as the command line
 and old config.yaml files give them) moves into the task's section; one of another task's settings is refused
-(an old config.yaml's record of another task's unset or default settings is dropped).
+unless it holds that setting's default (old files recorded every task's settings), and dropped from a run's own
+saved config.yaml.
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
 
@@ -343,15 +344,16 @@ def make_config(file: str | Path | None = None, sets: list[str] | None = None,
               {k: v for k, v in (options or {}).items() if v is not None}]
     task = next((layer["task"] for layer in reversed(layers) if layer.get("task") is not None), None)
     raw: dict[str, Any] = {}
-    for layer in layers:  # each layer's flat task settings into the task's section first: a later layer wins
-        raw = _merge(raw, _task_settings_in_section(layer, task))
+    for i, layer in enumerate(layers):  # each layer's flat task settings into the task's section: a later layer wins
+        raw = _merge(raw, _task_settings_in_section(layer, task, saved=i == 0))
     return from_dict(raw)
 
 
-def _task_settings_in_section(raw: dict[str, Any], task: Any) -> dict[str, Any]:
+def _task_settings_in_section(raw: dict[str, Any], task: Any, saved: bool = False) -> dict[str, Any]:
     """`raw` with every flat key that is a setting of `task` moved into the task's section (where the section names
     it too, the section wins). A flat key that is only another task's setting is refused, unless it holds that
-    setting's default or None (an old config.yaml recorded every task's settings)."""
+    setting's default or None (an old config.yaml recorded every task's settings); in a run's `saved` config.yaml
+    such a key is dropped whatever it holds (old runs recorded options that did not apply to them)."""
     from adalora_cli.tasks import get_task, tasks_with_setting
 
     fields = {f.name for f in dataclasses.fields(RunConfig)} | {"trainer"}
@@ -364,7 +366,7 @@ def _task_settings_in_section(raw: dict[str, Any], task: Any) -> dict[str, Any]:
     moved = {key: value for key, value in raw.items() if key not in loose}
     section = {key: raw[key] for key in loose if key in own}
     for key in loose:
-        if key not in own and not _unset_elsewhere(key, raw[key]):
+        if key not in own and not saved and not _unset_elsewhere(key, raw[key]):
             if task is None:
                 raise UserError(f"{key} is a setting of the tasks {', '.join(tasks_with_setting(key))}; give --task")
             raise UserError(f"--{key.replace('_', '-')} does not apply to {task} runs; it is a setting of "
@@ -387,11 +389,13 @@ def _unset_elsewhere(key: str, value: Any) -> bool:
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Split flat keys from sections (a method's, a task's, the Trainer's) and type-check everything."""
+    """Split flat keys from sections (a method's, a task's, the Trainer's) and type-check everything. `raw` is a
+    run's saved config.yaml or `make_config`'s merge: flat task settings of another task are dropped here
+    (`make_config` has refused those the user gave)."""
     from adalora_cli.methods import available_methods
     from adalora_cli.tasks import available_tasks
 
-    raw = _task_settings_in_section(raw, raw.get("task"))
+    raw = _task_settings_in_section(raw, raw.get("task"), saved=True)
     flat, method_args, task_args, trainer = {}, {}, {}, {}
     for key, value in raw.items():
         if key in ("method_args", "task_args"):

@@ -68,6 +68,9 @@ def test_an_old_flat_config_yaml_still_loads():
     assert cfg.to_dict()["squad"]["doc_stride"] == 64
     generation = from_dict({**old, "task": "xsum", "doc_stride": 128, "null_threshold": 0.0, "max_new_tokens": 8})
     assert generation.task_config().max_new_tokens == 8
+    # an old run recorded options that did not apply to its task (sst2 took --doc-stride 64 and ignored it)
+    glue = from_dict({**old, "task": "sst2"})
+    assert "squad" not in glue.to_dict() and glue.task_args == {}
 
 
 def test_a_setting_of_another_task_is_refused_on_the_command_line(tmp_path):

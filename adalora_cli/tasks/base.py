@@ -186,8 +186,9 @@ class Task:
         return None
 
     def for_model(self, config) -> "Task":
-        """This task for a model with this config: generation tasks take their model kind from it (and refuse a
-        model that cannot generate); the others are the same for every model."""
+        """This task for a model with this config: a generation task becomes the class that fits the model
+        (encoder-decoder or decoder-only) and refuses a model that cannot generate; the others are the same for every
+        model."""
         return self
 
     def collator(self, tokenizer):
