@@ -104,7 +104,8 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     require_hub(cfg, data=False)
     task = configured_task(cfg)
     if fmt not in task.prediction_formats:
-        raise UserError(f"--format {fmt} does not apply to {task.name} runs; use {' or '.join(task.prediction_formats)}")
+        raise UserError(f"--format {fmt} does not apply to {task.name} runs; use "
+                        f"{' or '.join(task.prediction_formats)}")
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))

@@ -190,8 +190,8 @@ def peft_config(saved, task, factors: dict[str, Any], base_model: str, fan_in_fa
 def write_peft(folder: Path, saved, task, model, layers: dict[str, Any], factors: dict[str, Any],
                base_model: str) -> None:
     """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes, and for
-    a classifier (`Task.label_config`) labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer
-    for them."""
+    a classifier (`Task.label_config`) labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build
+    an empty layer for them."""
     from adalora_cli.linear import is_conv1d
 
     kept = {name: f for name, f in factors.items() if f.rank > 0}
