@@ -199,3 +199,22 @@ def test_a_task_registered_in_one_place_trains_evaluates_and_predicts(tiny_bert_
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["id"] for line in lines] == list(range(24)) and all(isinstance(x["loud"], bool) for x in lines)
     assert get_task("shout-test").column_settings == ()
+
+
+def test_a_benchmark_becomes_the_generation_class_that_fits_the_model():
+    """xsum runs on an encoder-decoder or a decoder-only model: `for_model` returns the class for that model, with
+    the run's settings and the model's context; the user-data tasks take only their own kind."""
+    from transformers import BartConfig, GPT2Config
+
+    from adalora_cli.tasks.generation import CausalData, CausalGeneration, Seq2SeqGeneration
+
+    xsum = get_task("xsum").with_settings(source_column="document", max_new_tokens=8)
+    seq2seq, causal = xsum.for_model(BartConfig()), xsum.for_model(GPT2Config(n_positions=64))
+    assert type(seq2seq) is Seq2SeqGeneration and type(causal) is CausalGeneration
+    assert (seq2seq.auto_model, seq2seq.peft_task_type) == ("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM")
+    assert (causal.auto_model, causal.peft_task_type) == ("AutoModelForCausalLM", "CAUSAL_LM")
+    assert causal.settings == seq2seq.settings == xsum.settings and causal.decoding()["max_new_tokens"] == 8
+    assert causal.length_limits(96) == "--max-seq-length 96, the model's 64-position context"
+    assert type(get_task("causal-lm").for_model(GPT2Config())) is CausalData
+    with pytest.raises(UserError, match="--task causal-lm needs a causal-lm model, and bart is a seq2seq-lm model"):
+        get_task("causal-lm").for_model(BartConfig())
