@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +14,7 @@ import typer
 import typer.core
 from typer.core import TyperCommand, TyperGroup
 
-from adalora_cli.config import DATA, TASK_SETTINGS, RunConfig
+from adalora_cli.config import RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 from adalora_cli.options import with_field_options
 
@@ -134,44 +133,16 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# -- Task settings: declared here until the task settings classes carry this metadata; after merging issue 19's
-# branches, the lead replaces this block by `tasks.settings_classes()` (TASK_OPTIONS, below).
-@dataclass
-class _TaskOptions:
-    dataset: str | None = field(default=None, metadata={
-        "help": "Hub dataset for text-classification / text-regression.", "panel": DATA})
-    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration.", "panel": DATA})
-    text_column: str | None = field(default=None, metadata={
-        "help": "Text column.", "shown": "text / sentence / sentence1", "panel": DATA, "column": True})
-    text_pair_column: str | None = field(default=None, metadata={
-        "help": "Second text of a pair.", "shown": "text_pair / sentence2 if present", "panel": DATA, "column": True})
-    label_column: str | None = field(default=None, metadata={
-        "help": "Label column.", "shown": "label / labels / score", "panel": DATA, "column": True})
-    source_column: str | None = field(default=None, metadata={
-        "help": "Generation: source text column.", "shown": "the task's (source / input / document ...)",
-        "panel": DATA, "column": True})
-    target_column: str | None = field(default=None, metadata={
-        "help": "Generation: target text column.", "shown": "the task's (target / output / summary ...)",
-        "panel": DATA, "column": True})
-    prompt_column: str | None = field(default=None, metadata={
-        "help": "causal-lm: prompt column.", "shown": "prompt", "panel": DATA, "column": True})
-    completion_column: str | None = field(default=None, metadata={
-        "help": "causal-lm: completion column (the loss is on it only).", "shown": "completion", "panel": DATA,
-        "column": True})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens shared by context windows."})
+def _settings_classes() -> tuple[type, ...]:
+    """Every task family's settings class (`Task.settings_class`): their fields are `train` options too."""
+    from adalora_cli.tasks import settings_classes
 
-
-TASK_OPTIONS = (_TaskOptions,)
-
-
-def _train_option(cls, f) -> bool:
-    return not (cls is RunConfig and f.name in TASK_SETTINGS)  # RunConfig's task settings: above, in _TaskOptions
-# -- end of the task settings block
+    return tuple(settings_classes())
 
 
 @app.command(cls=PlainHelp)
 @user_errors
-@with_field_options((RunConfig, *TASK_OPTIONS), where=_train_option)
+@with_field_options((RunConfig, *_settings_classes()))
 def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; options override it.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.t_init=200 (repeatable).")] = None,
@@ -189,7 +160,7 @@ def train(
 
 
 COLUMNS = "Columns of the file, where they differ from the run's"
-column_options = with_field_options(TASK_OPTIONS, where=lambda cls, f: f.metadata.get("column"), panel=COLUMNS,
+column_options = with_field_options(_settings_classes(), where=lambda cls, f: f.metadata.get("column"), panel=COLUMNS,
                                     shown="the run's")  # the options of `eval --input` and `predict`
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from adalora_cli import distributed, files, rundir
 from adalora_cli.errors import UserError
 from adalora_cli.evaluation import evaluate
-from adalora_cli.inference import decoding, sharded_outputs, task_outputs
+from adalora_cli.inference import sharded_outputs
 from adalora_cli.rundata import (apply_file_columns, configured_task, max_length, quiet_datasets, read_data,
                                  require_hub)
 
@@ -65,7 +64,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
     require_hub(cfg, data=eval_file is None)
     _, _, evals = read_data(cfg, training=False, eval_file=eval_file)
     (cfg, saved, model, tokenizer, layers, task), r_max = _load_for_inference(run, rank, rank_sweep)
-    task = task.with_settings(**given)
+    task = task.with_settings(given)
     precision = cfg.compute_precision()
     if rank_sweep:
         by_rank = {}
@@ -83,9 +82,7 @@ def run_eval(run: Path, data_dir: str | None = None, rank: int | None = None, ra
     metrics = evaluate(model, tokenizer, task, evals, cfg, precision)
     if not distributed.is_main():
         return None
-    record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics}
-    if task.generates:
-        record["decoding"] = decoding(model, tokenizer, task)
+    record = {"task": task.name, "method": saved.method, "rank": rank, "eval": metrics, **task.record(model, tokenizer)}
     if input_path is not None:
         record.update(input=str(input_path), rows=len(evals[0].raw))
     written = run.write_json(run.eval_name(input_path), record)
@@ -99,9 +96,6 @@ def set_rank(layers: dict, rank: int) -> None:
         layer.set_rank(rank)
 
 
-PREDICT_FORMATS = ("jsonl", "glue")
-
-
 @distributed.across_processes
 def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: str = "jsonl",
                 rank: int | None = None, batch_size: int | None = None,
@@ -110,34 +104,34 @@ def run_predict(run: Path, input_path: Path, output: Path | None = None, fmt: st
     (atomically) or to stdout. `columns` names the file's columns where they differ from the run's. Returns the
     number of rows. Under torchrun each process runs its shard of the rows and the main process writes them all."""
     quiet_datasets()
-    if fmt not in PREDICT_FORMATS:
-        raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(PREDICT_FORMATS)}")
+    from adalora_cli.tasks import prediction_formats
+
+    if fmt not in prediction_formats():
+        raise UserError(f"unknown prediction format {fmt!r}; choose one of: {', '.join(prediction_formats())}")
     run = rundir.RunDir(run)
     cfg = run.config
     given = apply_file_columns(cfg, columns)
     require_hub(cfg, data=False)
     task = configured_task(cfg)
-    if fmt == "glue" and not hasattr(task, "leaderboard_label"):
-        raise UserError(f"--format glue writes the GLUE leaderboard's TSV; {task.name} is not a GLUE task, use jsonl")
+    if fmt not in task.prediction_formats:
+        raise UserError(f"--format {fmt} does not apply to {task.name} runs; use "
+                        f"{' or '.join(task.prediction_formats)}")
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a file path")
     raw, ids = task.prediction_inputs(Path(input_path))
     (cfg, saved, model, tokenizer, layers, task), _ = _load_for_inference(run, rank)
-    task = task.with_settings(**given)
+    task = task.with_settings(given)
     precision = cfg.compute_precision()
     features = task.preprocess(raw, tokenizer, max_length(cfg, task, tokenizer), training=False)
     batch_size = batch_size or cfg.eval_batch_size
     progress = f"predicting {len(raw):,} rows" if distributed.is_main() else None
-    outputs = sharded_outputs(lambda shard: task_outputs(model, shard, tokenizer, task, batch_size,
-                                                         precision, progress=progress),
+    outputs = sharded_outputs(lambda shard: task.outputs(model, shard, tokenizer, batch_size, precision,
+                                                         progress=progress, scoring=False),
                               features, batch_size)
     if not distributed.is_main():
         return len(raw)
     records = task.prediction_records(outputs, raw, features)
-    if fmt == "glue":
-        text = "index\tprediction\n" + "".join(f"{i}\t{task.leaderboard_label(r)}\n" for i, r in zip(ids, records))
-    else:
-        text = "".join(json.dumps({"id": i, **r}, ensure_ascii=False) + "\n" for i, r in zip(ids, records))
+    text = task.format_predictions(records, ids, fmt)
     if output is None:
         sys.stdout.write(text)
     else:

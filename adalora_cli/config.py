@@ -2,8 +2,12 @@
 
 Precedence, lowest first: the defaults below, (with `--resume`) the run's saved config.yaml, `--config FILE`,
 `--set key=value`, explicit options.
-Keys are flat (`lr`, `epochs`, `budget`...) plus one section per method (`adalora.t_init`) and
-`trainer.<TrainingArguments field>` for anything else the Hugging Face Trainer accepts.
+Keys are flat (`lr`, `epochs`, `budget`...) plus one section per method (`adalora.t_init`), one per task for its
+settings (`squad.doc_stride`: `Task.settings_class`) and `trainer.<TrainingArguments field>` for anything else the
+Hugging Face Trainer accepts. A flat key naming a setting of the run's task (`doc_stride: 64`, as the command line
+and old config.yaml files give them) moves into the task's section; one of another task's settings is refused
+unless it holds that setting's default (old files recorded every task's settings), and dropped from a run's own
+saved config.yaml.
 Unknown keys and values of the wrong type are errors, never silently ignored.
 """
 
@@ -24,10 +28,6 @@ from adalora_cli.errors import UserError
 from adalora_cli.files import atomic_write_text
 
 DEFAULT_MODEL = "microsoft/deberta-v3-base"
-TASK_SETTINGS = ("doc_stride", "n_best", "max_answer_length", "null_threshold", "text_column", "text_pair_column",
-                 "label_column", "label_names", "dataset", "dataset_config", "dataset_train_split", "dataset_eval_split",
-                 "source_column", "target_column", "prompt_column", "completion_column", "max_target_length",
-                 "num_beams", "length_penalty", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 DATA, EVAL = "Data", "Evaluation during training"  # help sections (`panel` in a field's metadata) besides "Options"
 MAX_SAVE_STEPS = 500  # the longest default checkpoint interval, in optimizer steps
@@ -60,24 +60,6 @@ class RunConfig:
     validation_file: str | None = field(default=None, metadata={"help": "Evaluation file.", "panel": DATA})
     validation_split: float = field(default=0.1, metadata={
         "help": "Share of the training data held out for evaluation when no validation data is given.", "panel": DATA})
-    dataset: str | None = None  # a hub dataset for the generic tasks (`datasets.load_dataset(dataset, dataset_config)`)
-    dataset_config: str | None = None
-    dataset_train_split: str = "train"
-    dataset_eval_split: str = "validation"
-    text_column: str | None = None  # generic tasks: detected from the training data when not given
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    label_names: list[str] | None = None  # classification: the classes, read off the training data
-    source_column: str | None = None  # generation: source -> target (seq2seq, xsum...), detected when not given
-    target_column: str | None = None
-    prompt_column: str | None = None  # causal-lm: prompt -> completion (loss on the completion only)
-    completion_column: str | None = None
-    max_target_length: int | None = None  # generation: target tokens kept (default: the task's)
-    num_beams: int | None = None  # generation settings; None: the task's (the papers' for the benchmarks)
-    length_penalty: float | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    no_repeat_ngram_size: int | None = None
     output_dir: str | None = field(default=None, metadata={
         "help": "Required (here or in --config): the run directory to write."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
@@ -111,12 +93,9 @@ class RunConfig:
         "help": "Stop after N evaluations without improvement.", "panel": EVAL})
     report_to: str = field(default="none", metadata={
         "help": "tensorboard, wandb, mlflow or none (logs in OUTPUT_DIR/logs)."})
-    doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
-    n_best: int = 20  # question answering: start and end candidates per window
-    max_answer_length: int = 30  # question answering: longest answer, in tokens
-    null_threshold: float = 0.0  # SQuAD v2.0: answer "" when null score - best span score exceeds it
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})  # per section
+    task_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})  # per task
     trainer: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments: a section, `--set trainer.x=...`
 
     def method_config(self, name: str | None = None):
@@ -135,9 +114,22 @@ class RunConfig:
 
         return resolve_precision(self.precision, on_cpu=bool(self.trainer.get("use_cpu")))
 
-    def task_settings(self) -> dict[str, Any]:
-        """The settings handed to the task (`Task.with_settings`); tasks that have none ignore them."""
-        return {key: getattr(self, key) for key in TASK_SETTINGS}
+    def task_config(self, name: str | None = None):
+        """The typed, validated settings (`Task.settings_class`) of task `name` (default: this run's task)."""
+        from adalora_cli.tasks import get_task
+
+        task = get_task(name or self.task)
+        settings = build_dataclass(task.settings_class, self.task_args.get(task.name, {}), prefix=f"{task.name}.")
+        settings.validate()
+        return settings
+
+    def update_task_settings(self, values: dict[str, Any], only_unset: bool = False) -> None:
+        """Set settings of the run's task (columns and classes read off the data, defaults the task resolved);
+        with `only_unset`, only those not given yet (None)."""
+        section = self.task_args.setdefault(self.task, {})
+        for key, value in values.items():
+            if not only_unset or section.get(key) is None:
+                section[key] = value
 
     def validate(self) -> None:
         from adalora_cli.methods import available_methods
@@ -146,18 +138,17 @@ class RunConfig:
         if not self.task:
             raise UserError("no task given; pass --task (e.g. --task sst2) or set `task:` in the config file")
         get_task(self.task)
+        for section in self.task_args:
+            self.task_config(section)
         for section in self.method_args:
             if section not in available_methods():
                 raise UserError(f"unknown config section {section!r}; method sections: {', '.join(available_methods())}")
             self.method_config(section)
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
-        positive += ("n_best", "max_answer_length", "max_target_length", "num_beams", "max_new_tokens")
         for key in positive + ("max_steps", "max_seq_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise UserError(f"{key} must be at least 1, got {value}; give a positive whole number")
-        if self.doc_stride < 0:
-            raise UserError(f"doc_stride must be 0 or more, got {self.doc_stride}; give e.g. --doc-stride 128")
         if self.epochs <= 0 and self.max_steps is None:
             raise UserError(f"epochs must be positive, got {self.epochs}; give e.g. --epochs 3 or --max-steps")
         if self.lr is not None and self.lr <= 0:
@@ -221,9 +212,15 @@ class RunConfig:
                                 f"{', '.join(names)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as written to a run's `config.yaml` (the run's method section only)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method_args", "trainer")}
+        """The resolved config as written to a run's `config.yaml` (the run's method and task sections only; no
+        task section for a task without settings)."""
+        sections = ("method_args", "task_args", "trainer")
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in sections}
         data[self.method] = dataclasses.asdict(self.method_config())
+        if self.task is not None:
+            task_settings = dataclasses.asdict(self.task_config())
+            if task_settings:
+                data[self.task] = task_settings
         if self.trainer:
             data["trainer"] = dict(self.trainer)
         return data
@@ -367,39 +364,83 @@ def make_config(file: str | Path | None = None, sets: list[str] | None = None,
     on top of the settings the run in the output directory they name was started with."""
     layers = [read_yaml(file) if file else {}, parse_set(sets or []),
               {k: v for k, v in (options or {}).items() if v is not None}]
-    if resume and _merged(layers).get("output_dir") is not None:
+    output_dir = next((layer["output_dir"] for layer in reversed(layers) if layer.get("output_dir") is not None), None)
+    saved = resume and output_dir is not None
+    if saved:
         from adalora_cli.checkpoints import saved_settings
 
-        layers.insert(0, saved_settings(Path(str(_merged(layers)["output_dir"]))))
-    return from_dict(_merged(layers))
-
-
-def _merged(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The layers merged, a later one over an earlier one (sections key by key)."""
+        layers.insert(0, saved_settings(Path(str(output_dir))))
+    task = next((layer["task"] for layer in reversed(layers) if layer.get("task") is not None), None)
     raw: dict[str, Any] = {}
-    for layer in layers:
-        raw = _merge(raw, layer)
-    return raw
+    for i, layer in enumerate(layers):  # each layer's flat task settings into the task's section: a later layer wins
+        raw = _merge(raw, _task_settings_in_section(layer, task, saved=saved and i == 0))
+    return from_dict(raw)
+
+
+def _task_settings_in_section(raw: dict[str, Any], task: Any, saved: bool = False) -> dict[str, Any]:
+    """`raw` with every flat key that is a setting of `task` moved into the task's section (where the section names
+    it too, the section wins). A flat key that is only another task's setting is refused, unless it holds that
+    setting's default or None (an old config.yaml recorded every task's settings); in a run's `saved` config.yaml
+    such a key is dropped whatever it holds (old runs recorded options that did not apply to them)."""
+    from adalora_cli.tasks import get_task, tasks_with_setting
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)} | {"trainer"}
+    loose = [key for key in raw if key not in fields and isinstance(key, str) and tasks_with_setting(key)]
+    if not loose:
+        return raw
+    if task is not None:
+        get_task(task)  # an unknown task: say so, not that its settings do not apply
+    own = {f.name for f in dataclasses.fields(get_task(task).settings_class)} if task is not None else set()
+    moved = {key: value for key, value in raw.items() if key not in loose}
+    section = {key: raw[key] for key in loose if key in own}
+    for key in loose:
+        if key not in own and not saved and not _unset_elsewhere(key, raw[key]):
+            if task is None:
+                raise UserError(f"{key} is a setting of the tasks {', '.join(tasks_with_setting(key))}; give --task")
+            raise UserError(f"--{key.replace('_', '-')} does not apply to {task} runs; it is a setting of "
+                            f"{', '.join(tasks_with_setting(key))} (drop it, or choose one of those tasks)")
+    if section:
+        given = raw.get(task)
+        moved[task] = {**section, **(given if isinstance(given, dict) else {})}
+    return moved
+
+
+def _unset_elsewhere(key: str, value: Any) -> bool:
+    """Whether `value` is None or the default of `key` in every task family that has it."""
+    from adalora_cli.tasks import get_task, tasks_with_setting
+
+    if value is None:
+        return True
+    defaults = {f.default for name in tasks_with_setting(key)
+                for f in dataclasses.fields(get_task(name).settings_class) if f.name == key}
+    return all(value == default for default in defaults)
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Split flat keys from sections and type-check everything."""
+    """Split flat keys from sections (a method's, a task's, the Trainer's) and type-check everything. `raw` is a
+    run's saved config.yaml or `make_config`'s merge: flat task settings of another task are dropped here
+    (`make_config` has refused those the user gave)."""
     from adalora_cli.methods import available_methods
+    from adalora_cli.tasks import available_tasks
 
-    flat, method_args, trainer = {}, {}, {}
+    raw = _task_settings_in_section(raw, raw.get("task"), saved=True)
+    flat, method_args, task_args, trainer = {}, {}, {}, {}
     for key, value in raw.items():
-        if key == "method_args":
-            raise UserError("unknown config key 'method_args'; give method settings as a section named after the method")
+        if key in ("method_args", "task_args"):
+            raise UserError(f"unknown config key {key!r}; give method and task settings as a section named after the "
+                            "method or task")
         if key == "trainer":
             trainer = coerce(value, dict, "trainer")
         elif key in available_methods():
             method_args[key] = coerce(value if value is not None else {}, dict, key)
+        elif key in available_tasks():
+            task_args[key] = coerce(value if value is not None else {}, dict, key)
         else:
             flat[key] = value
     if "budget" in flat:
         flat["budget"] = parse_budget(flat["budget"])
     cfg = build_dataclass(RunConfig, flat)
-    cfg.method_args, cfg.trainer = method_args, trainer
+    cfg.method_args, cfg.task_args, cfg.trainer = method_args, task_args, trainer
     return cfg
 
 

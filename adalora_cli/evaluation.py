@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from adalora_cli import devices
 from adalora_cli.config import RunConfig
-from adalora_cli.inference import sharded_outputs, task_outputs
+from adalora_cli.inference import sharded_outputs
 from adalora_cli.rundata import EvalSet, features_for, max_length
 from adalora_cli.tasks import Task
 
@@ -22,8 +22,8 @@ def evaluate(model, tokenizer, task: Task, evals: list[EvalSet], cfg: RunConfig,
             eval_set.features, eval_set.truncated = features_for(task, eval_set.raw, tokenizer,
                                                                  max_length(cfg, task, tokenizer), False,
                                                                  f"evaluation set {eval_set.name}")
-        outputs = sharded_outputs(lambda features: task_outputs(model, features, tokenizer, task, cfg.eval_batch_size,
-                                                                precision, generate=not getattr(task, "plain_lm", False)),
+        outputs = sharded_outputs(lambda features: task.outputs(model, features, tokenizer, cfg.eval_batch_size,
+                                                                precision),
                                   eval_set.features, cfg.eval_batch_size)  # each process its shard (torchrun)
         for name, value in task.compute_metrics(outputs, eval_set.raw, eval_set.features).items():
             metrics[name + eval_set.suffix] = round(float(value), 6)

@@ -34,8 +34,6 @@ PEFT_PREFIX = "base_model.model."
 # PEFT's adapter_config.json has no place for the task's labels: they go beside it, for the base model's loader
 # (`AutoModelFor*.from_pretrained(base, **labels)`), so that predictions name the classes.
 PEFT_LABELS = "labels.json"
-PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "question-answering": "QUESTION_ANS",
-                   "seq2seq-lm": "SEQ_2_SEQ_LM", "causal-lm": "CAUSAL_LM"}
 
 # Files of a run that a native export carries over unchanged (the last three serve `adalora inspect`).
 NATIVE_FILES = (RunDir.CONFIG, RunDir.ADAPTER_CONFIG, RunDir.ADAPTER, RunDir.FULL_WEIGHTS, RunDir.HEAD,
@@ -79,7 +77,7 @@ def run_export(run: Path, fmt: str | None, out: Path | None, overwrite: bool = F
         elif fmt == "peft":
             write_peft(tmp, saved, task, model, layers, factors, base_model or base_model_name(cfg.model))
         else:
-            write_merged(tmp, model, layers, factors, tokenizer, _decoding(model, tokenizer, task))
+            write_merged(tmp, model, layers, factors, tokenizer, task.generation_config(model, tokenizer))
     return out
 
 
@@ -157,7 +155,7 @@ def peft_config(saved, task, factors: dict[str, Any], base_model: str, fan_in_fa
     common = Counter(ranks.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
-        "task_type": PEFT_TASK_TYPES[task.model_kind],
+        "task_type": task.peft_task_type,
         "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
@@ -181,8 +179,8 @@ def peft_config(saved, task, factors: dict[str, Any], base_model: str, fan_in_fa
 def write_peft(folder: Path, saved, task, model, layers: dict[str, Any], factors: dict[str, Any],
                base_model: str) -> None:
     """adapter_config.json and adapter_model.safetensors, in the layout `PeftModel.save_pretrained` writes, and for
-    classification labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build an empty layer
-    for them."""
+    a classifier (`Task.label_config`) labels.json. Modules pruned to rank 0 are left out: PEFT would otherwise build
+    an empty layer for them."""
     from adalora_cli.linear import is_conv1d
 
     kept = {name: f for name, f in factors.items() if f.rank > 0}
@@ -198,9 +196,9 @@ def write_peft(folder: Path, saved, task, model, layers: dict[str, Any], factors
     files.save_tensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     fan_in_fan_out = any(is_conv1d(layers[name].base) for name in kept)
     files.write_json(folder / PEFT_CONFIG, peft_config(saved, task, kept, base_model, fan_in_fan_out))
-    if PEFT_TASK_TYPES.get(task.model_kind) == "SEQ_CLS":
-        labels = {key: getattr(model.config, key) for key in ("id2label", "label2id")}
-        files.write_json(folder / PEFT_LABELS, {"num_labels": len(labels["id2label"]), **labels})
+    labels = task.label_config(model.config)
+    if labels is not None:
+        files.write_json(folder / PEFT_LABELS, labels)
 
 
 # -- merged ----------------------------------------------------------------------------------------------
@@ -214,13 +212,6 @@ def merge_adapters(model, layers: dict[str, Any], factors: dict[str, Any]) -> No
         add_to_weight(base, factors[name].delta_weight())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
-
-
-def _decoding(model, tokenizer, task) -> dict[str, Any] | None:
-    """The decoding the run was evaluated with (`inference.decoding`), for a task that generates."""
-    from adalora_cli.inference import decoding
-
-    return decoding(model, tokenizer, task) if task.generates else None
 
 
 def write_merged(folder: Path, model, layers: dict[str, Any], factors: dict[str, Any], tokenizer,

@@ -1,19 +1,23 @@
 """Running a model over model features: one forward per batch (`model_outputs`), or, for a task that generates,
 the teacher-forced token loss and the text `generate` writes (`generation_outputs`, with `decoding`: every setting
-it runs with). Nothing here knows where the features came from or how they are scored.
+it runs with). Tasks call these from `Task.outputs`; nothing here knows where the features came from, how they are
+scored, or which task they belong to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from adalora_cli import devices, distributed
-from adalora_cli.tasks import Task
+
+if TYPE_CHECKING:
+    from adalora_cli.tasks import Task
+
 
 def model_outputs(model, features, tokenizer, batch_size: int, precision: devices.Precision | str = "fp32",
                   progress: str | None = None):
@@ -76,14 +80,15 @@ def merge_outputs(parts: list):
     return tuple(_concat_padded([part[i] for part in kept]) for i in range(len(kept[0])))
 
 
-def generation_outputs(model, features, tokenizer, task: Task, batch_size: int,
-                       precision: devices.Precision | str = "fp32",
-                       generate: bool = True, progress: str | None = None) -> dict[str, Any]:
+def generation_outputs(model, features, tokenizer, settings: dict[str, Any], inputs: list[list[int]] | None,
+                       batch_size: int, precision: devices.Precision | str = "fp32", decoder_only: bool = False,
+                       progress: str | None = None) -> dict[str, Any]:
     """What a generation task is scored on: the summed token loss of the labelled rows and its token count
-    (teacher forcing), and the text `generate` writes for every row with the task's settings (each distinct
-    input generated once: E2E's meaning representations have several references)."""
+    (teacher forcing), and the text `generate` writes with `settings` (`decoding`) from `inputs`, one per row (each
+    distinct input generated once: E2E's meaning representations have several references); `inputs` None: no
+    text. `decoder_only`, told by the task: the model continues its input (its logits predict the next token,
+    prompts are left-padded and the prompt is cut off the output)."""
     device = next(model.parameters()).device
-    causal = task.model_kind == "causal-lm"
     pad = _pad_id(tokenizer)
     model.eval()
     loss_sum, tokens = 0.0, 0
@@ -91,18 +96,16 @@ def generation_outputs(model, features, tokenizer, task: Task, batch_size: int,
         if "labels" in features.column_names:
             for start in range(0, len(features), batch_size):
                 rows = features[start:start + batch_size]
-                loss, count = _token_loss(model, rows, pad, causal, device)
+                loss, count = _token_loss(model, rows, pad, decoder_only, device)
                 loss_sum, tokens = loss_sum + loss, tokens + count
         texts = []
-        if generate:
-            inputs = task.generation_inputs(features)
+        if inputs is not None:
             distinct = list(dict.fromkeys(tuple(ids) for ids in inputs))
             written = {}
-            settings = decoding(model, tokenizer, task)
             starts = range(0, len(distinct), batch_size)
             for start in _progress(starts, progress):
                 chunk = distinct[start:start + batch_size]
-                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, settings, causal, device)):
+                for ids, text in zip(chunk, _generate(model, tokenizer, chunk, settings, decoder_only, device)):
                     written[ids] = text
             texts = [written[tuple(ids)] for ids in inputs]
     return {"loss_sum": loss_sum, "tokens": tokens, "texts": texts}
@@ -143,15 +146,15 @@ def _padded(sequences: list[list[int]], value: int, left: bool, device) -> torch
     return torch.tensor(rows, device=device)
 
 
-def _token_loss(model, rows: dict, pad: int, causal: bool, device) -> tuple[float, int]:
+def _token_loss(model, rows: dict, pad: int, next_token: bool, device) -> tuple[float, int]:
     """(summed cross-entropy over the label tokens, their count) of one batch, computed from the logits so that
-    every model counts the same tokens (a decoder-only model predicts token t+1 from position t)."""
+    every model counts the same tokens (`next_token`: a decoder-only model predicts token t+1 from position t)."""
     import torch.nn.functional as F
 
     input_ids = _padded(rows["input_ids"], pad, False, device)
     attention = _padded(rows["attention_mask"], 0, False, device)
     labels = _padded(rows["labels"], -100, False, device)
-    if causal:
+    if next_token:
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
         labels = labels[:, 1:]
     else:
@@ -161,25 +164,17 @@ def _token_loss(model, rows: dict, pad: int, causal: bool, device) -> tuple[floa
     return float(loss), int((labels != -100).sum())
 
 
-def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, causal: bool, device) -> list[str]:
-    """`generate` with `settings` (`decoding`) on a batch of inputs (left-padded for a decoder-only model), decoded
-    without the prompt."""
+def _generate(model, tokenizer, inputs: list[tuple[int, ...]], settings: dict, continues_input: bool,
+              device) -> list[str]:
+    """`generate` with `settings` (`decoding`) on a batch of inputs, decoded; `continues_input` (a decoder-only
+    model): the inputs are left-padded and the output, which starts with them, is decoded without them."""
     from transformers import GenerationConfig
 
-    input_ids = _padded(inputs, settings["pad_token_id"], causal, device)
-    attention = _padded([[1] * len(ids) for ids in inputs], 0, causal, device)
+    input_ids = _padded(inputs, settings["pad_token_id"], continues_input, device)
+    attention = _padded([[1] * len(ids) for ids in inputs], 0, continues_input, device)
     config = GenerationConfig(**settings)
     with _only_these_settings(model, config):
         generated = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-    if causal:
+    if continues_input:
         generated = generated[:, input_ids.shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-
-
-def task_outputs(model, features, tokenizer, task: Task, batch_size: int, precision: devices.Precision,
-                 generate: bool = True,
-                 progress: str | None = None):
-    """What the task is scored on: generated text for generation tasks, one forward's outputs for the others."""
-    if task.generates:
-        return generation_outputs(model, features, tokenizer, task, batch_size, precision, generate, progress)
-    return model_outputs(model, features, tokenizer, batch_size, precision, progress)

@@ -25,13 +25,6 @@ EMBEDDED = {
 }
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
-MODEL_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "seq2seq-lm": "AutoModelForSeq2SeqLM",
-    "causal-lm": "AutoModelForCausalLM",
-}
-
 
 def language_model_kind(config) -> str | None:
     """"seq2seq-lm" for encoder-decoder models (BART, T5), "causal-lm" for decoder-only ones (GPT-2, Llama...),
@@ -193,18 +186,20 @@ def for_task(name: str, task, trust_remote_code: bool = False, tokenizer_from: s
     return task, config, tokenizer
 
 
-def skeleton(config, kind: str):
-    """The model built on the meta device: shapes and module names for planning, no memory, no weights."""
+def skeleton(config, auto_model: str):
+    """The model (`auto_model`: the task's transformers Auto class) built on the meta device: shapes and module
+    names for planning, no memory, no weights."""
     import torch
     import transformers
 
-    auto = getattr(transformers, MODEL_CLASSES[kind])
+    auto = getattr(transformers, auto_model)
     with torch.device("meta"), _quiet_transformers():
         return auto.from_config(config)
 
 
-def load_model(name: str, config, kind: str, trust_remote_code: bool = False):
-    """Pretrained weights, in float32, with a fresh task head. Returns (model, names of the head's parameters).
+def load_model(name: str, config, auto_model: str, trust_remote_code: bool = False):
+    """Pretrained weights, in float32, with a fresh task head, through the transformers Auto class `auto_model` (the
+    task's). Returns (model, names of the head's parameters).
 
     The head is the classifier / QA output layer plus whatever the checkpoint lacked (DeBERTa's
     pooler, for one): those start random and must train with every method.
@@ -217,7 +212,7 @@ def load_model(name: str, config, kind: str, trust_remote_code: bool = False):
     import torch
     import transformers
 
-    auto = getattr(transformers, MODEL_CLASSES[kind])
+    auto = getattr(transformers, auto_model)
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(

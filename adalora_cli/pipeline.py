@@ -18,7 +18,6 @@ from adalora_cli.budget import format_count
 from adalora_cli.config import MAX_SAVE_STEPS, RunConfig
 from adalora_cli.errors import Interrupted, TrainingFailed, UserError
 from adalora_cli.evaluation import evaluate
-from adalora_cli.inference import decoding
 from adalora_cli.rundata import (EvalSet, configured_task, features_for, max_length, quiet_datasets, read_data,
                                  require_hub)
 from adalora_cli.inject import find_targets, inject_adapters, mark_trainable
@@ -167,9 +166,7 @@ def _resolve_task_settings(cfg: RunConfig, task: Task, tokenizer) -> None:
     them; configured with them again, the task is the same."""
     if cfg.max_seq_length is None:  # a given length stays as given (resuming with the same options must match)
         cfg.max_seq_length = max_length(cfg, task, tokenizer)
-    for key, value in task.resolved_settings().items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
+    cfg.update_task_settings(task.resolved_settings(), only_unset=True)
 
 
 def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
@@ -210,7 +207,7 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code)
     targets, plan = [], None
     if method.adapter:
-        skeleton = models.skeleton(hf_config, task.model_kind)
+        skeleton = models.skeleton(hf_config, task.auto_model)
         targets = find_targets(skeleton, hf_config.model_type, method_cfg.target_modules)
         plan = method.plan(targets, cfg.budget, method_cfg)
         logger.info("method %s: %d target matrices, plan: %s", method.name, len(targets),
@@ -218,7 +215,7 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     elif cfg.budget is not None:
         logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
     set_seed(cfg.seed)
-    model, head = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
+    model, head = models.load_model(cfg.model, hf_config, task.auto_model, cfg.trust_remote_code)
     layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
     trainable, total = mark_trainable(model, method, head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -374,19 +371,11 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
         metrics["best"] = _best(cfg, task, trainer)
     metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg, precision)
     metrics["truncated"] = {"train": train_cut, **{e.name: e.truncated for e in evals}}
-    if task.generates:
-        metrics["decoding"] = decoding(model, built.tokenizer, task)
+    metrics.update(task.record(model, built.tokenizer))
     out.write_json(out.METRICS, metrics)
     pictures = _draw(out, allocation is not None, cfg.report_to, trainer)
-    return TrainResult(metrics, run_summary(cfg, task, evals, method, metrics, _classes(task, model), pictures))
-
-
-def _classes(task: Task, model) -> list[str] | None:
-    """The class names a classification run predicts, in id order; None for other tasks and regression."""
-    config = model.config
-    if task.model_kind != "sequence-classification" or getattr(config, "problem_type", None) == "regression":
-        return None
-    return [config.id2label[i] for i in sorted(config.id2label)]
+    return TrainResult(metrics, run_summary(cfg, task, evals, method, metrics, task.class_names(model.config),
+                                            pictures))
 
 
 def run_summary(cfg: RunConfig, task: Task, evals: list[EvalSet], method, metrics: dict[str, Any],

@@ -20,8 +20,18 @@ logger = logging.getLogger("adalora_cli")
 
 HELD_OUT = "held-out"  # the name of an evaluation set cut from the training data
 INPUT = "input"  # the name of the evaluation set of `adalora eval --input`
-COLUMN_OPTIONS = ("text_column", "text_pair_column", "label_column", "source_column", "target_column",
-                  "prompt_column", "completion_column")
+
+
+def _column_options() -> tuple[str, ...]:
+    """Every task setting that names a column of the data file (`eval --input` / `predict` options)."""
+    from dataclasses import fields
+
+    from adalora_cli.tasks import settings_classes
+
+    return tuple(dict.fromkeys(f.name for cls in settings_classes() for f in fields(cls) if f.metadata.get("column")))
+
+
+COLUMN_OPTIONS = _column_options()
 
 
 def quiet_datasets() -> None:
@@ -33,7 +43,7 @@ def quiet_datasets() -> None:
 
 def configured_task(cfg: RunConfig) -> Task:
     """The run's task with its task-specific settings applied (doc stride, columns, class names...)."""
-    return get_task(cfg.task).with_settings(**cfg.task_settings())
+    return get_task(cfg.task).with_settings(cfg.task_config())
 
 
 def data_files(cfg: RunConfig, task: Task) -> dict[str, Path]:
@@ -77,10 +87,10 @@ def apply_file_columns(cfg: RunConfig, columns: dict[str, str | None] | None) ->
     given = {key: value for key, value in (columns or {}).items() if value is not None}
     task = configured_task(cfg)
     for key in given:
-        if key not in COLUMN_OPTIONS or not hasattr(task, key):
+        if key not in task.column_settings:
             raise UserError(f"--{key.replace('_', '-')} does not apply to {task.name} runs; name the file's columns "
                             "as the task expects")
-        setattr(cfg, key, given[key])
+    cfg.update_task_settings(given)
     return given
 
 
@@ -117,9 +127,7 @@ def read_data(cfg: RunConfig, training: bool = True,
     if training or held_out:
         source = cfg.train_file or f"the {task.name} training data"
         train_raw = task.load(task.train_split, data_dir, local)
-        for key, value in task.settings_from_data(train_raw, str(source)).items():
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, value)
+        cfg.update_task_settings(task.settings_from_data(train_raw, str(source)), only_unset=True)
         task = configured_task(cfg)
         task.check_rows(train_raw, str(source))
     if held_out:
@@ -153,8 +161,7 @@ def features_for(task: Task, raw, tokenizer, max_seq_length: int, training: bool
     """(`task.preprocess` of `raw`, how many rows had their inputs / targets cut to fit); says so once in the log."""
     features, cut = take_truncation(task.preprocess(raw, tokenizer, max_seq_length, training=training))
     if cut["inputs"] or cut["targets"]:
-        context = getattr(task, "context_length", None)  # generation tasks fit the model's context too
-        limits = f"--max-seq-length {max_seq_length}" + (f", the model's {context}-position context" if context else "")
+        limits = task.length_limits(max_seq_length)
         targets = f", the targets of {cut['targets']:,} (max_target_length)" if cut["targets"] else ""
         logger.warning("%s: cut the inputs of %s of %s rows (%s)%s; counted in metrics.json \"truncated\"", what,
                        f"{cut['inputs']:,}", f"{len(raw):,}", limits, targets)

@@ -222,14 +222,14 @@ class RunDir:
         from adalora_cli.tasks import get_task
 
         cfg, saved = self.config, self.adapter
-        method, task = get_method(saved.method), get_task(saved.task).with_settings(**cfg.task_settings())
+        method, task = get_method(saved.method), get_task(saved.task).with_settings(cfg.task_config())
         method_cfg = cfg.method_config(method.name)
         weights_file, head_file = self / (self.ADAPTER if method.adapter else self.FULL_WEIGHTS), self / self.HEAD
         weights, head = files.load_tensors(weights_file), files.load_tensors(head_file)  # fail before loading a model
         tokenizer_path = self / self.TOKENIZER
         task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code,
                                                      str(tokenizer_path) if tokenizer_path.is_dir() else None)
-        model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
+        model, _ = models.load_model(cfg.model, hf_config, task.auto_model, cfg.trust_remote_code)
         layers = {}
         if method.adapter:
             plan = RankPlan(saved.rank_pattern(), cfg.budget)

@@ -78,7 +78,7 @@ def run_peft_adalora(job: dict, args) -> dict:
     method = get_method("adalora")
     task = get_task(job["task"])
     hf_config = models.load_config(cfg.model, task.num_labels, **task.config_overrides())
-    targets = find_targets(models.skeleton(hf_config, task.model_kind), hf_config.model_type)
+    targets = find_targets(models.skeleton(hf_config, task.auto_model), hf_config.model_type)
     plan = method.plan(targets, budget, ours_cfg)
     schedule = resolve_schedule(ours_cfg, args.steps)
     target_r = max(1, round(plan.notes["target_avg_rank"]))
@@ -91,7 +91,7 @@ def run_peft_adalora(job: dict, args) -> dict:
     task, train_raw, evals = read_data(cfg)
     features, _ = features_for(task, train_raw, tokenizer, max_length(cfg, task, tokenizer), True, "training data")
     set_seed(cfg.seed)
-    model, _ = models.load_model(cfg.model, hf_config, task.model_kind)
+    model, _ = models.load_model(cfg.model, hf_config, task.auto_model)
     model = peft.get_peft_model(model, peft_config)
 
     class Allocate(TrainerCallback):

@@ -95,7 +95,7 @@ def base_model(args):
         model = AutoModelForSequenceClassification.from_config(deberta_v3_base_config())
         return model, {n for n, _ in model.named_parameters() if n.startswith(("classifier.", "pooler."))}
     config = models.load_config(args.model, 2)
-    return models.load_model(args.model, config, "sequence-classification")
+    return models.load_model(args.model, config, "AutoModelForSequenceClassification")
 
 
 def adalora_schedule(args) -> dict:

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         task, _, evals = rundata.read_data(cfg)  # the training data tells the columns and classes
         task, hf_config, tokenizer = models.for_task(cfg.model, task, cfg.trust_remote_code)
         set_seed(cfg.seed)  # as run_train does just before loading the model: the same fresh head
-        model, _ = models.load_model(cfg.model, hf_config, task.model_kind, cfg.trust_remote_code)
+        model, _ = models.load_model(cfg.model, hf_config, task.auto_model, cfg.trust_remote_code)
         import torch
 
         if torch.cuda.is_available():

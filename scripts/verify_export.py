@@ -87,7 +87,7 @@ def main() -> int:
         if saved.method != "full":
             peft_dir = run_export(args.run, "peft", folder / "peft", overwrite=True)
             base = models.resolve_model(cfg.model)
-            auto = getattr(transformers, models.MODEL_CLASSES[task.model_kind])
+            auto = getattr(transformers, task.auto_model)
             # float32 as training loaded it: a float16 checkpoint (microsoft/deberta-v3-base) otherwise loads in float16
             base_model = auto.from_pretrained(base, num_labels=task.num_labels, dtype=torch.float32)
             peft_model = PeftModel.from_pretrained(base_model, peft_dir)

@@ -71,10 +71,11 @@ def test_a_hub_dataset_without_a_validation_split_is_held_out(monkeypatch):
     rows = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(50)], "label": ["a", "b"] * 25})
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config=None: ["train", "test"])
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None: rows)
-    cfg = RunConfig(task="text-classification", dataset="someone/reviews")
+    cfg = RunConfig(task="text-classification", task_args={"text-classification": {"dataset": "someone/reviews"}})
     task, train, evals = read_data(cfg)
     assert [e.name for e in evals] == [HELD_OUT] and len(evals[0].raw) == 5 and len(train) == 45
-    assert (cfg.text_column, cfg.label_column, cfg.label_names) == ("text", "label", ["a", "b"])
+    settings = cfg.task_config()
+    assert (settings.text_column, settings.label_column, settings.label_names) == ("text", "label", ["a", "b"])
 
 
 def write_jsonl(path, rows):
@@ -145,6 +146,7 @@ def test_numeric_labels_compare_as_numbers(tmp_path, train_labels, dev_labels):
     dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": f"d{i}", "label": v} for i, v in enumerate(dev_labels)])
     cfg = RunConfig(task="text-classification", train_file=str(train), validation_file=str(dev))
     task, train_raw, evals = read_data(cfg)
-    assert len(cfg.label_names) == 2 and float(cfg.label_names[0]) == 0 and float(cfg.label_names[1]) == 1
+    names = cfg.task_config().label_names
+    assert len(names) == 2 and float(names[0]) == 0 and float(names[1]) == 1
     assert task.label_ids(evals[0].raw).tolist() == [1, 0]
     assert task.label_ids(train_raw).tolist() == [1, 0, 1]

@@ -354,7 +354,6 @@ def test_the_checkpoints_generation_config_does_not_change_decoding(generators, 
     from datasets import Dataset
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from adalora_cli.inference import generation_outputs
     from adalora_cli.models import for_task, load_model
     from adalora_cli.tasks import get_task
 
@@ -374,9 +373,9 @@ def test_the_checkpoints_generation_config_does_not_change_decoding(generators, 
     for folder in (plain, shipped):
         task = get_task("seq2seq").with_settings(source_column="source", target_column="target", max_new_tokens=40)
         task, config, tokenizer = for_task(str(folder), task)
-        model, _ = load_model(str(folder), config, task.model_kind)
+        model, _ = load_model(str(folder), config, task.auto_model)
         features = task.preprocess(rows, tokenizer, 64, training=False)
-        texts[folder] = generation_outputs(model, features, tokenizer, task, batch_size=2)["texts"]
+        texts[folder] = task.outputs(model, features, tokenizer, batch_size=2)["texts"]
     assert texts[shipped] == texts[plain] == ["", ""]
 
 
@@ -428,9 +427,10 @@ def test_config_yaml_records_the_decoding_used(runs):
     import yaml
 
     config = yaml.safe_load((runs("bart", "lora") / rundir.CONFIG).read_text())
-    assert config["max_target_length"] == 24 and config["max_new_tokens"] == 8  # given
-    assert config["num_beams"] == 1 and config["max_seq_length"] == 96 and config["lr"] == 1e-3  # resolved
-    assert config["length_penalty"] is None  # not a setting of this task's decoding: generate's own default
+    settings = config[config["task"]]  # the task's section
+    assert settings["max_target_length"] == 24 and settings["max_new_tokens"] == 8  # given
+    assert settings["num_beams"] == 1 and config["max_seq_length"] == 96 and config["lr"] == 1e-3  # resolved
+    assert settings["length_penalty"] is None  # not a setting of this task's decoding: generate's own default
 
 
 def test_a_merged_generator_carries_the_runs_decoding(runs, tmp_path):

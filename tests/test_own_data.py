@@ -45,7 +45,7 @@ def reviews_run(own, tiny_bert_dir, tmp_path_factory):
 
 
 def test_string_labels_and_own_columns(reviews_run):
-    config = yaml.safe_load((reviews_run / rundir.CONFIG).read_text())
+    config = yaml.safe_load((reviews_run / rundir.CONFIG).read_text())["text-classification"]
     assert (config["text_column"], config["text_pair_column"], config["label_column"]) == ("review", None, "sentiment")
     assert config["label_names"] == ["negative", "positive"]
     metrics = json.loads((reviews_run / rundir.METRICS).read_text())
@@ -166,7 +166,7 @@ def test_three_classes_from_pairs_with_detected_columns(own, tiny_bert_dir, tmp_
     train_tiny("lora", "--task", "text-classification", "--model", tiny_bert_dir, "--train-file", own["similarity"],
                "--validation-file", own["similarity_dev"], "--text-column", "first", "--text-pair-column", "second",
                "--label-column", "similarity", "--output-dir", out, *TINY)
-    config = yaml.safe_load((out / rundir.CONFIG).read_text())
+    config = yaml.safe_load((out / rundir.CONFIG).read_text())["text-classification"]
     assert config["label_names"] == ["high", "low", "mid"]
     metrics = json.loads((out / rundir.METRICS).read_text())
     assert set(metrics["eval"]) == {"accuracy", "macro_f1"}  # three classes: no single positive class
@@ -193,7 +193,7 @@ def test_columns_are_detected_and_saved(glue_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "run"
     train_tiny("lora", "--task", "text-classification", "--model", tiny_bert_dir, "--train-file", data,
                "--output-dir", out, *TINY)
-    config = yaml.safe_load((out / rundir.CONFIG).read_text())
+    config = yaml.safe_load((out / rundir.CONFIG).read_text())["text-classification"]
     assert (config["text_column"], config["label_column"]) == ("text", "label")
 
 

@@ -280,7 +280,7 @@ def test_a_span_limit_keeps_answers_short(tokenizer, long_example):
     short_task = task.with_settings(max_answer_length=e - s)  # the answer is e - s + 1 tokens long
     first_token = features[second]["offset_mapping"][s]
     assert short_task.answers((start, end), long_example, features)[0] == LONG_CONTEXT[first_token[0]:first_token[1]]
-    assert task.max_answer_length == 30, "with_settings returns a copy"
+    assert task.settings.max_answer_length == 30, "with_settings returns a copy"
 
 
 def test_null_answer_against_threshold(tokenizer, long_example):
@@ -483,5 +483,6 @@ def test_squad_paper_configs():
     for name, epochs, t_final in (("squad_v1", 10, 25000), ("squad_v2", 12, 50000)):
         cfg = make_config(ROOT / "configs" / "squad" / f"{name}_adalora_deberta-v3-base.yaml")
         m = cfg.method_config()
-        assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.max_seq_length, cfg.doc_stride) == (1e-3, 16, epochs, 384, 128)
+        assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.max_seq_length) == (1e-3, 16, epochs, 384)
+        assert cfg.task_config().doc_stride == 128
         assert (m.t_init, m.t_final, m.delta_t, m.orth_reg, m.alpha) == (5000, t_final, 100, 0.1, 16)

@@ -1,15 +1,63 @@
-"""The task interface: `Task` (each task knows its data, its preprocessing and its metrics, and nothing of methods),
+"""The task interface: `Task` (each task knows its data, its preprocessing, its model head, how it is run and
+scored, and nothing of methods), `TaskSettings` (a task family's settings, under the task's name in config.yaml),
 `UserDataTask` for tasks on the user's files or a hub dataset, and the helpers task files share (truncation
 columns, `encode_counting_cuts`).
+
+The rest of the code never asks which kind of task it holds: whatever differs between tasks is a method or an
+attribute here (the model class, PEFT's task type, how outputs are computed and formatted, labels, decoding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adalora_cli.errors import UserError
+
+DATA = "Data"  # the help panel of the data options
+
+
+def setting(help: str, default: Any = None, *, column: bool = False, panel: str | None = None,
+            shown: str | None = None):
+    """A task-settings field with the metadata the command line is generated from (see interface notes): `column`
+    marks a setting that names a column of the data file (eval --input and predict accept it too)."""
+    metadata: dict[str, Any] = {"help": help}
+    if column:
+        metadata["column"] = True
+    if column or panel:
+        metadata["panel"] = panel or DATA
+    if shown is not None:
+        metadata["shown"] = shown
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TaskSettings:
+    """A task family's settings: a dataclass whose fields are options (`--doc-stride`), keys of the task's section in
+    config.yaml (`squad: {doc_stride: 128}`) and `--set squad.doc_stride=64`. This base has none (GLUE)."""
+
+    def validate(self) -> None:
+        """Raise UserError on a value out of range; subclasses check their fields."""
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}; give a positive whole number")
+
+
+@dataclass
+class DatasetSettings(TaskSettings):
+    """Where a task on the user's data reads a hub dataset from, when no file is given."""
+
+    dataset: str | None = setting("Hub dataset to read instead of --train-file / --validation-file.", panel=DATA)
+    dataset_config: str | None = setting("Its configuration.", panel=DATA)
+    dataset_train_split: str = setting("The hub dataset's training split.", "train", panel=DATA)
+    dataset_eval_split: str = setting("The hub dataset's evaluation split.", "validation", panel=DATA)
 
 
 @dataclass(frozen=True)
@@ -28,13 +76,16 @@ class Task:
     """
 
     name: str
-    model_kind: str  # key of models.MODEL_CLASSES
     num_labels: int
+    auto_model: str  # the transformers Auto class of the task's model (AutoModelForSequenceClassification...)
+    peft_task_type: str  # PEFT's task type of an export: SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, CAUSAL_LM
     default_max_seq_length: int = 128
     train_split: str = "train"
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("validation"),)
     metric_names: tuple[str, ...] = ()
-    generates = False  # evaluated on generated text (inference.generation_outputs), not on one forward's outputs
+    settings_class: type[TaskSettings] = TaskSettings
+    prediction_formats: tuple[str, ...] = ("jsonl",)  # `adalora predict --format`
+    _settings: TaskSettings | None = None  # set by `with_settings`; None: the class's defaults
 
     @property
     def main_metric(self) -> str:
@@ -48,19 +99,81 @@ class Task:
         trained on. Empty: every row is an input of its own."""
         return ()
 
-    @staticmethod
-    def greater_is_better(metric: str) -> bool:
+    def greater_is_better(self, metric: str) -> bool:
         return metric not in ("mse", "loss", "perplexity")
 
-    def with_settings(self, **settings: Any) -> "Task":
-        """This task with a run's task-specific settings (RunConfig.task_settings: doc stride, n-best...)
-        applied, as a copy: registered tasks stay untouched. Tasks without such settings ignore them."""
-        return self
+    # -- settings --------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> TaskSettings:
+        """This task's settings (`settings_class`): the run's, once configured with `with_settings`."""
+        return self._settings if self._settings is not None else self.settings_class()
+
+    def with_settings(self, settings: TaskSettings | dict[str, Any] | None = None, /, **changes: Any) -> "Task":
+        """This task configured, as a copy (registered tasks stay untouched): with a `settings_class` instance (a
+        run's `RunConfig.task_config()`), or with the given fields changed (a mapping or keywords; None values leave
+        a field as it is). The result is validated."""
+        if isinstance(settings, TaskSettings):
+            values = settings
+        else:
+            given = {**(settings or {}), **changes}
+            names = {f.name for f in dataclasses.fields(self.settings_class)}
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ValueError(f"{self.name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(names))}")
+            values = dataclasses.replace(self.settings, **{k: v for k, v in given.items() if v is not None})
+        values.validate()
+        task = copy.copy(self)
+        task._settings = values
+        return task
 
     def resolved_settings(self) -> dict[str, Any]:
-        """The task-specific settings (RunConfig keys) this configured task uses, its defaults filled in, for the
-        run's config.yaml to record; configuring the task with them again changes nothing. None by default."""
+        """The settings this configured task uses, its defaults filled in (a generation task's target length and
+        decoding), for the run's config.yaml to record; configuring the task with them again changes nothing."""
+        return dataclasses.asdict(self.settings)
+
+    @property
+    def column_settings(self) -> tuple[str, ...]:
+        """The settings that name a column of the data file (`eval --input` and `predict` accept them too)."""
+        return tuple(f.name for f in dataclasses.fields(self.settings_class) if f.metadata.get("column"))
+
+    # -- what the rest of the code asks instead of the task's kind -------------------------------------
+
+    def outputs(self, model, features, tokenizer, batch_size: int, precision="fp32", progress: str | None = None,
+                scoring: bool = True):
+        """What the task is scored on (`scoring`) or predicts from: by default one forward's outputs
+        (`inference.model_outputs`), a tuple of float32 arrays with the row axis first. A task may return a dict
+        instead, whose values are numbers (summed across shards) or lists (one entry per row)."""
+        from adalora_cli.inference import model_outputs
+
+        return model_outputs(model, features, tokenizer, batch_size, precision, progress)
+
+    def record(self, model, tokenizer) -> dict[str, Any]:
+        """Extra entries of metrics.json and eval.json (a generation task: its "decoding"); none by default."""
         return {}
+
+    def generation_config(self, model, tokenizer) -> dict[str, Any] | None:
+        """The generation_config.json of a merged export, for a task that generates; None by default."""
+        return None
+
+    def label_config(self, model_config) -> dict[str, Any] | None:
+        """{num_labels, id2label, label2id} for the labels.json beside a PEFT export (a classifier); None: none."""
+        return None
+
+    def class_names(self, model_config) -> list[str] | None:
+        """The class names a classification run predicts, in id order (the run's summary); None for other tasks."""
+        return None
+
+    def length_limits(self, max_seq_length: int) -> str:
+        """What limits an input's length, for the log line that counts the rows cut to fit."""
+        return f"--max-seq-length {max_seq_length}"
+
+    def format_predictions(self, records: list[dict[str, Any]], ids: list, fmt: str) -> str:
+        """The text `adalora predict` writes in format `fmt` (one of `prediction_formats`): JSON lines by default."""
+        if fmt != "jsonl":
+            raise UserError(f"--format {fmt} does not apply to {self.name}; use "
+                            f"{' or '.join(self.prediction_formats)}")
+        return "".join(json.dumps({"id": i, **r}, ensure_ascii=False) + "\n" for i, r in zip(ids, records))
 
     def config_overrides(self) -> dict[str, Any]:
         """Extra fields for the model config (problem type, label names)."""
@@ -73,8 +186,9 @@ class Task:
         return None
 
     def for_model(self, config) -> "Task":
-        """This task for a model with this config: generation tasks take their model kind from it (and refuse a
-        model that cannot generate); the others are the same for every model."""
+        """This task for a model with this config: a generation task becomes the class that fits the model
+        (encoder-decoder or decoder-only) and refuses a model that cannot generate; the others are the same for every
+        model."""
         return self
 
     def collator(self, tokenizer):
@@ -129,8 +243,7 @@ class Task:
         raise NotImplementedError
 
     def compute_metrics(self, predictions, raw, features) -> dict[str, float]:
-        """Metrics from the model's raw outputs over `features` (built from `raw`): `inference.task_outputs`, a
-        tuple of arrays (logits first) for a forward's outputs, generated text for a task that `generates`."""
+        """Metrics from `outputs` over `features` (built from `raw`)."""
         raise NotImplementedError
 
 
@@ -139,19 +252,16 @@ class UserDataTask(Task):
     (`--dataset NAME`, or the task's own benchmark dataset) whose splits are named by `dataset_train_split` /
     `dataset_eval_split`."""
 
-    dataset: str | None = None
-    dataset_config: str | None = None
-    dataset_train_split: str = "train"
-    dataset_eval_split: str = "validation"
+    settings_class: type[TaskSettings] = DatasetSettings
 
     @property
     def hub_name(self) -> str | None:
         """The hub dataset this task reads when no file is given."""
-        return self.dataset
+        return self.settings.dataset
 
     @property
     def hub_config(self) -> str | None:
-        return self.dataset_config
+        return self.settings.dataset_config
 
     def local_path(self, split, data_dir, files):
         if split in files:
@@ -174,7 +284,8 @@ class UserDataTask(Task):
         return self.hub_name, self.hub_config
 
     def _hub_split(self, split: str) -> str:
-        return self.dataset_train_split if split == self.train_split else self.dataset_eval_split
+        settings = self.settings
+        return settings.dataset_train_split if split == self.train_split else settings.dataset_eval_split
 
     def has_hub_split(self, split: str) -> bool:
         from adalora_cli.data import hub_split_names

@@ -39,3 +39,21 @@ def classification_records(logits: np.ndarray, names: list[str]) -> list[dict[st
     probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
     return [{"label": names[int(row.argmax())], "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)}}
             for row in probabilities]
+
+
+class SequenceClassifier:
+    """What the tasks that classify or score a text share about their model: a sequence-classification head, PEFT's
+    SEQ_CLS, the labels a PEFT export carries beside it, the class names a run predicts."""
+
+    auto_model = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+
+    def label_config(self, model_config) -> dict[str, Any]:
+        labels = {key: getattr(model_config, key) for key in ("id2label", "label2id")}
+        return {"num_labels": len(labels["id2label"]), **labels}
+
+    def class_names(self, model_config) -> list[str] | None:
+        """The classes in id order; None for regression."""
+        if getattr(model_config, "problem_type", None) == "regression":
+            return None
+        return [model_config.id2label[i] for i in sorted(model_config.id2label)]

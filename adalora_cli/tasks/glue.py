@@ -16,7 +16,7 @@ import numpy as np
 
 from adalora_cli.errors import UserError
 from adalora_cli.tasks.base import EvalSplit, Task, TRUNCATED_INPUT, encode_counting_cuts
-from adalora_cli.tasks.classification import classification_records, correlations
+from adalora_cli.tasks.classification import SequenceClassifier, classification_records, correlations
 from adalora_cli.tasks.registry import register_task
 
 HUB_DATASET = "nyu-mll/glue"
@@ -115,8 +115,8 @@ def _parse_label(value: str, spec: GlueSpec, path: Path, line: int) -> int | flo
     return label
 
 
-class GlueTask(Task):
-    model_kind = "sequence-classification"
+class GlueTask(SequenceClassifier, Task):
+    prediction_formats = ("jsonl", "glue")  # glue: the leaderboard's TSV
 
     def __init__(self, spec: GlueSpec):
         self.spec = spec
@@ -210,6 +210,11 @@ class GlueTask(Task):
         if self.spec.labels is None:
             return [{"value": float(v)} for v in logits.reshape(-1)]
         return classification_records(logits, list(self.spec.labels))
+
+    def format_predictions(self, records, ids, fmt):
+        if fmt != "glue":
+            return super().format_predictions(records, ids, fmt)
+        return "index\tprediction\n" + "".join(f"{i}\t{self.leaderboard_label(r)}\n" for i, r in zip(ids, records))
 
     def leaderboard_label(self, record: dict) -> str:
         """A prediction as the GLUE leaderboard's TSV wants it: label names for the NLI tasks, class ids for the

@@ -28,3 +28,31 @@ def get_task(name: str) -> Task:
 
 def available_tasks() -> list[str]:
     return sorted(_TASKS)
+
+
+def settings_classes() -> list[type]:
+    """Every registered task family's settings class, once each, in registration order (for the command line)."""
+    return list(dict.fromkeys(task.settings_class for task in _TASKS.values()))
+
+
+def tasks_with_setting(name: str) -> list[str]:
+    """The registered tasks that have a setting `name`."""
+    from dataclasses import fields
+
+    return [task.name for task in _TASKS.values() if name in {f.name for f in fields(task.settings_class)}]
+
+
+def prediction_formats() -> list[str]:
+    """Every `adalora predict --format` some task writes."""
+    return list(dict.fromkeys(fmt for task in _TASKS.values() for fmt in task.prediction_formats))
+
+
+def setting_default(name: str):
+    """The default of the task setting `name` (that of the first task family that has it)."""
+    from dataclasses import fields
+
+    for cls in settings_classes():
+        for f in fields(cls):
+            if f.name == name:
+                return f.default
+    raise KeyError(name)

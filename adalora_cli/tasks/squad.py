@@ -22,7 +22,6 @@ null score - best span score > `null_threshold`. The v2.0 metrics add the offici
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from adalora_cli.errors import UserError
-from adalora_cli.tasks.base import Task
+from adalora_cli.tasks.base import Task, TaskSettings, setting
 from adalora_cli.tasks.registry import register_task
 from adalora_cli.tasks.squad_eval import best_null_thresholds, squad_v1_scores, squad_v2_scores
 
@@ -50,6 +49,20 @@ SPECS = [
     SquadSpec("squad", "rajpurkar/squad", {"train": "train-v1.1.json", "validation": "dev-v1.1.json"}, False),
     SquadSpec("squad_v2", "rajpurkar/squad_v2", {"train": "train-v2.0.json", "validation": "dev-v2.0.json"}, True),
 ]
+
+
+@dataclass
+class SquadSettings(TaskSettings):
+    doc_stride: int = setting("SQuAD: tokens shared by context windows.", 128)
+    n_best: int = setting("SQuAD: start and end candidates per window.", 20)
+    max_answer_length: int = setting("SQuAD: longest answer, in tokens.", 30)
+    null_threshold: float = setting("SQuAD v2.0: answer \"\" when the null score beats the best span by more than "
+                                    "this.", 0.0)
+
+    def validate(self) -> None:
+        self.require_positive("n_best", "max_answer_length")
+        if self.doc_stride < 0:
+            raise UserError(f"doc_stride must be 0 or more, got {self.doc_stride}; give e.g. --doc-stride 128")
 
 
 def _field(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -120,7 +133,9 @@ def _raw_features():
 
 
 class SquadTask(Task):
-    model_kind = "question-answering"
+    auto_model = "AutoModelForQuestionAnswering"
+    peft_task_type = "QUESTION_ANS"
+    settings_class = SquadSettings
     num_labels = 2  # the QA head: one start and one end logit per token
     default_max_seq_length = 384
     group_columns = ("title",)  # a held-out share takes whole articles: no context is both trained on and scored
@@ -129,14 +144,6 @@ class SquadTask(Task):
         self.spec = spec
         self.name = spec.name
         self.metric_names = ("exact_match", "f1") + (("HasAns_f1", "NoAns_f1") if spec.unanswerable else ())
-        self.doc_stride, self.n_best, self.max_answer_length, self.null_threshold = 128, 20, 30, 0.0
-
-    def with_settings(self, **settings: Any) -> "SquadTask":
-        task = copy.copy(self)
-        for key in ("doc_stride", "n_best", "max_answer_length", "null_threshold"):
-            if settings.get(key) is not None:
-                setattr(task, key, settings[key])
-        return task
 
     def local_path(self, split, data_dir, files):
         if split in files:
@@ -172,12 +179,12 @@ class SquadTask(Task):
         questions = [q.lstrip() for q in batch["question"]]
         longest = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
         room = max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - longest
-        if room <= self.doc_stride:  # the tokenizer would abort the process (a Rust panic) instead
+        if room <= self.settings.doc_stride:  # the tokenizer would abort the process (a Rust panic) instead
             raise UserError(f"a question of {longest} tokens leaves {max(room, 0)} context tokens per window of "
-                            f"{max_seq_length}, not more than --doc-stride {self.doc_stride}; "
+                            f"{max_seq_length}, not more than --doc-stride {self.settings.doc_stride}; "
                             "raise --max-seq-length or lower --doc-stride")
         return tokenizer(questions, batch["context"], truncation="only_second", max_length=max_seq_length,
-                         stride=self.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+                         stride=self.settings.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
 
     def _train_features(self, batch, tokenizer, max_seq_length):
         encoded = self._windows(batch, tokenizer, max_seq_length)
@@ -217,13 +224,14 @@ class SquadTask(Task):
     def spans(self, predictions, raw, features) -> tuple[list[str], list[float], list[float]]:
         """The best span text of every question in `raw`, its null gap and its score (see `best_spans`)."""
         start_logits, end_logits = predictions[0], predictions[1]
+        settings = self.settings
         return best_spans(start_logits, end_logits, list(features["example_index"]), list(features["offset_mapping"]),
-                          list(raw["context"]), n_best=self.n_best, max_answer_length=self.max_answer_length)
+                          list(raw["context"]), n_best=settings.n_best, max_answer_length=settings.max_answer_length)
 
     def answers(self, predictions, raw, features) -> list[str]:
         """The predicted answer text of every question in `raw` ("" for no answer)."""
         texts, gaps, _ = self.spans(predictions, raw, features)
-        return with_null_answers(texts, gaps, self.null_threshold) if self.spec.unanswerable else texts
+        return with_null_answers(texts, gaps, self.settings.null_threshold) if self.spec.unanswerable else texts
 
     def prediction_inputs(self, path: Path):
         """Questions to answer from a SQuAD-format JSON file (answers, if present, are ignored), with their ids."""
@@ -238,7 +246,7 @@ class SquadTask(Task):
         texts, gaps, scores = self.spans(predictions, raw, features)
         records = []
         for text, gap, score in zip(texts, gaps, scores):
-            if self.spec.unanswerable and gap > self.null_threshold:  # "no answer": the null score wins
+            if self.spec.unanswerable and gap > self.settings.null_threshold:  # "no answer": the null score wins
                 text, score = "", (score + gap if np.isfinite(gap) else None)
             records.append({"answer": text, "score": None if score is None or not np.isfinite(score)
                             else round(float(score), 4)})
@@ -249,7 +257,7 @@ class SquadTask(Task):
         golds = [answer["text"] for answer in raw["answers"]]
         if not self.spec.unanswerable:
             return squad_v1_scores(texts, golds)
-        metrics = squad_v2_scores(with_null_answers(texts, gaps, self.null_threshold), golds)
+        metrics = squad_v2_scores(with_null_answers(texts, gaps, self.settings.null_threshold), golds)
         metrics.update(best_null_thresholds(texts, gaps, golds))
         return metrics
 

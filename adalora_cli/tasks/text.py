@@ -14,8 +14,8 @@ the second class, `f1`); regression: Pearson, Spearman and mean squared error.
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,53 @@ import numpy as np
 
 from adalora_cli.data import pick_column, read_table, to_dataset
 from adalora_cli.errors import UserError
-from adalora_cli.tasks.base import EvalSplit, UserDataTask, TRUNCATED_INPUT, encode_counting_cuts
-from adalora_cli.tasks.classification import classification_metrics, classification_records, regression_metrics
+from adalora_cli.tasks.base import (TRUNCATED_INPUT, DatasetSettings, EvalSplit, UserDataTask, encode_counting_cuts,
+                                    setting)
+from adalora_cli.tasks.classification import (SequenceClassifier, classification_metrics, classification_records,
+                                              regression_metrics)
 from adalora_cli.tasks.registry import register_task
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1")
 PAIR_COLUMNS = ("text_pair", "sentence2")
 LABEL_COLUMNS = ("label", "labels", "score")
-SETTINGS = ("text_column", "text_pair_column", "label_column", "label_names", "dataset", "dataset_config",
-            "dataset_train_split", "dataset_eval_split")
 
 
-class TextTask(UserDataTask):
-    model_kind = "sequence-classification"
+@dataclass
+class TextSettings(DatasetSettings):
+    """The columns and classes of the user's data: given, or read off the training data (and then recorded)."""
+
+    text_column: str | None = setting("Text column.", column=True, shown="text / sentence / sentence1")
+    text_pair_column: str | None = setting("Second text of a pair.", column=True,
+                                           shown="text_pair / sentence2 if present")
+    label_column: str | None = setting("Label column.", column=True, shown="label / labels / score")
+    label_names: list[str] | None = setting("Classification: the class names, in id order.",
+                                            shown="the training data's distinct labels, sorted")
+
+
+class TextTask(SequenceClassifier, UserDataTask):
     eval_splits = (EvalSplit("validation"),)
+    settings_class = TextSettings
 
     def __init__(self, name: str, regression: bool):
         self.name = name
         self.regression = regression
         self.metric_names = ("pearson", "spearmanr", "mse") if regression else ("accuracy", "macro_f1", "f1")
-        self.text_column = self.text_pair_column = self.label_column = None
-        self.label_names: list[str] | None = None
+
+    @property
+    def text_column(self) -> str | None:
+        return self.settings.text_column
+
+    @property
+    def text_pair_column(self) -> str | None:
+        return self.settings.text_pair_column
+
+    @property
+    def label_column(self) -> str | None:
+        return self.settings.label_column
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.settings.label_names
 
     @property
     def group_columns(self) -> tuple[str, ...]:
@@ -53,13 +79,6 @@ class TextTask(UserDataTask):
     @property
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.label_names or ())
-
-    def with_settings(self, **settings: Any) -> "TextTask":
-        task = copy.copy(self)
-        for key in SETTINGS:
-            if settings.get(key) is not None:
-                setattr(task, key, list(settings[key]) if key == "label_names" else settings[key])
-        return task
 
     def config_overrides(self) -> dict[str, Any]:
         if self.regression:
