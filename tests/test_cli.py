@@ -11,7 +11,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from adalora_cli.cli import COLUMNS, OneLineErrors, PlainHelp, app
-from adalora_cli.config import TASK_SETTINGS, RunConfig
+from adalora_cli.config import RunConfig
 from adalora_cli.options import with_field_options
 from adalora_cli.rundata import COLUMN_OPTIONS
 
@@ -108,10 +108,15 @@ def command_params(command: str) -> dict:
 
 
 def run_settings() -> list[dataclasses.Field]:
-    """RunConfig's user settings: not internal, not a section (method_args, trainer); its task settings are declared
-    apart until they move to the task settings classes."""
-    return [f for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")
-            and f.name not in ("trainer", *TASK_SETTINGS)]
+    """RunConfig's user settings: not internal, not a section (method_args, trainer)."""
+    return [f for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal") and f.name != "trainer"]
+
+
+def task_settings() -> dict[str, dataclasses.Field]:
+    """Every task family's settings, by name (a name shared by several families is one option)."""
+    from adalora_cli.tasks import settings_classes
+
+    return {f.name: f for cls in reversed(settings_classes()) for f in dataclasses.fields(cls)}
 
 
 def squeezed(text: str) -> str:
@@ -133,6 +138,37 @@ def test_every_run_setting_is_a_train_option_with_its_help_and_default():
             assert param.secondary_opts == ["--no-" + name[2:]], name
 
 
+def test_every_task_setting_is_a_train_option_with_its_help():
+    """The task families' settings (`Task.settings_class`) are declared once, there: `train` generates them."""
+    params = command_params("train")
+    help_text = squeezed(run_cli(["train", "--help"]).stdout)
+    assert task_settings(), "no task settings found"
+    for name, f in task_settings().items():
+        param = params.get(name)
+        assert param is not None and param.opts == ["--" + name.replace("_", "-")], name
+        assert param.default is None, name
+        assert squeezed(f.metadata["help"]) in help_text, name
+
+
+def test_every_task_setting_option_reaches_its_task(monkeypatch):
+    """Given on the command line, each family's settings land in the run's task section, typed."""
+    from adalora_cli.tasks import available_tasks, get_task
+
+    params = command_params("train")
+    first_task = {}
+    for name in available_tasks():
+        first_task.setdefault(get_task(name).settings_class, name)
+    for cls, task in first_task.items():
+        hints = typing.get_type_hints(cls)
+        args, expected = ["--task", task], {}
+        for f in dataclasses.fields(cls):
+            text, value = sample(params[f.name], hints[f.name])
+            args += [params[f.name].opts[0]] + ([] if text is None else [text])
+            expected[f.name] = value
+        settings = captured_config(monkeypatch, args).task_config()
+        assert {name: getattr(settings, name) for name in expected} == expected, task
+
+
 def test_train_help_shows_the_run_config_defaults():
     text = squeezed(run_cli(["train", "--help"]).stdout)
     for fragment in ("--batch-size<int>Examplesperdevicepermicro-batch.[default:32]", "--epochs<float>",
@@ -148,6 +184,8 @@ def sample(param, field_type):
     if param.name == "budget":
         return "300k", 300000
     kind = [a for a in typing.get_args(field_type) if a is not type(None)] or [field_type]
+    if typing.get_origin(kind[0]) is list:
+        return "x-value", ["x-value"]
     return {int: ("7", 7), float: ("0.25", 0.25), str: ("x-value", "x-value")}[kind[0]]
 
 
@@ -163,8 +201,8 @@ def captured_config(monkeypatch, args) -> RunConfig:
 
 def test_every_train_option_sets_its_config_key(monkeypatch):
     """Every generated option lands on the config key of its name, with its type; a flag's --no- form too."""
-    params = {k: p for k, p in command_params("train").items() if k not in HAND_WRITTEN}
     hints = typing.get_type_hints(RunConfig)
+    params = {k: p for k, p in command_params("train").items() if k not in HAND_WRITTEN and k not in task_settings()}
     assert set(params) <= set(hints), set(params) - set(hints)
     args, expected = [], {}
     for name, param in params.items():
@@ -181,7 +219,7 @@ def test_every_train_option_sets_its_config_key(monkeypatch):
 
 def test_an_option_not_given_leaves_the_settings_below_it(monkeypatch):
     """None means "not given": --set (or the config file) stands unless the option itself is given."""
-    params = {k: p for k, p in command_params("train").items() if k not in HAND_WRITTEN}
+    params = {k: p for k, p in command_params("train").items() if k not in HAND_WRITTEN and k not in task_settings()}
     hints = typing.get_type_hints(RunConfig)
     sets, expected = [], {}
     for name, param in params.items():
