@@ -10,7 +10,7 @@ from adalora_cli.tasks.base import (TRUNCATED_INPUT, TRUNCATED_TARGET, DatasetSe
                                     UserDataTask, encode_counting_cuts, setting, take_truncation)
 from adalora_cli.tasks.registry import (available_tasks, get_task, prediction_formats, register_task,
                                         setting_default, settings_classes, tasks_with_setting)
-from adalora_cli.tasks import glue, squad, text, generation  # noqa: F401  (each registers its tasks)
+from adalora_cli.tasks import glue, squad, text, generation, ner  # noqa: F401  (each registers its tasks)
 
 __all__ = ["TRUNCATED_INPUT", "TRUNCATED_TARGET", "DatasetSettings", "EvalSplit", "Task", "TaskSettings",
            "UserDataTask", "available_tasks", "encode_counting_cuts", "get_task", "prediction_formats",
