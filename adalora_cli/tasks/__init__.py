@@ -1,5 +1,6 @@
-"""The tasks, one file per family (GLUE, SQuAD, your own text data, generation, token classification), their interface (`base.py`) and
-their registry (`registry.py`), re-exported here: `Task`, `register_task`, `get_task`, `available_tasks`...
+"""The tasks, one file per family (GLUE, SQuAD, your own text data, generation, token classification), their
+interface (`base.py`) and their registry (`registry.py`), re-exported here: `Task`, `register_task`, `get_task`,
+`available_tasks`...
 
 Each task file registers its tasks with `tasks.registry` when imported; this package imports them all below.
 """
