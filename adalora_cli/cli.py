@@ -246,6 +246,66 @@ def inspect(run: RunDirArg) -> None:
     typer.echo(f"wrote {png}")
 
 
+class ListOptions(PlainHelp):
+    """`--tasks sst2 mrpc` as well as `--tasks sst2 --tasks mrpc`: the words after a list option, up to the next
+    option, are its values (click gives an option one value per occurrence)."""
+
+    list_options = ("--tasks", "--methods", "--budgets", "--seeds")
+
+    def parse_args(self, ctx, args):
+        spread, current = [], None
+        for arg in args:
+            if arg.startswith("-"):
+                current = arg if arg in self.list_options else None
+                if current is None or arg == current:
+                    spread.append(arg)
+                continue
+            if current is not None and spread[-1] != current:
+                spread.append(current)
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+SWEPT = ("task", "method", "budget", "seed", "output_dir")  # set per cell by `adalora sweep`
+
+
+@app.command(cls=ListOptions)
+@user_errors
+@with_field_options((RunConfig, *_settings_classes()), where=lambda cls, f: f.name not in SWEPT)
+def sweep(
+    tasks: Annotated[list[str], typer.Option("--tasks", help="Tasks to train on (sst2 mrpc ...).")],
+    methods: Annotated[list[str], typer.Option("--methods", help="Methods (`adalora methods`), or plan+lora: "
+                                               "`adalora plan` then lora with its ranks.")],
+    budgets: Annotated[list[str], typer.Option("--budgets", help="Parameter budgets (0.1M 300k ...).")],
+    out: Annotated[Path, typer.Option(help="Folder of the cells' run folders and of sweep.json, sweep.md and "
+                                      "sweep.png.")],
+    seeds: Annotated[list[int], typer.Option("--seeds", help="Seeds: each (task, method, budget) once per seed.")] = [0],
+    workers: Annotated[int, typer.Option(help="Runs at once; the CPU threads are split between them (on a GPU "
+                                         "they share it).")] = 1,
+    rerun: Annotated[bool, typer.Option(help="Train every cell again, even one finished with the same settings.")
+                     ] = False,
+    plan_fraction: Annotated[Optional[float], typer.Option(help="plan+lora: `adalora plan --plan-fraction`.")] = None,
+    plan_steps: Annotated[Optional[int], typer.Option(help="plan+lora: `adalora plan --plan-steps`.")] = None,
+    plan_mode: Annotated[Optional[str], typer.Option(help="plan+lora: `adalora plan --plan-mode`.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of train settings for every run.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value for every run (repeatable).")] = None,
+    **options,
+) -> None:
+    """Train methods x budgets x seeds on one or more tasks (one `adalora train` per cell, the other options passed
+    to each); write OUT/sweep.json, sweep.md and sweep.png. Finished cells are skipped."""
+    from adalora_cli.options import as_arguments
+    from adalora_cli.sweep import Sweep, run_sweep
+
+    plan_arguments = as_arguments({"plan_fraction": plan_fraction, "plan_steps": plan_steps, "plan_mode": plan_mode})
+    grid = Sweep(tasks, methods, budgets, seeds, out, workers, config, list(set_ or []), options, plan_arguments,
+                 rerun)
+    results = run_sweep(grid, echo=typer.echo)
+    failed = sum(r["status"] == "failed" for r in results)
+    typer.echo(f"wrote {grid.out / 'sweep.json'}, sweep.md and sweep.png ({len(results)} cells, {failed} failed)")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command(cls=PlainHelp)
 @user_errors
 def methods() -> None:

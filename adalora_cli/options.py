@@ -103,3 +103,22 @@ def with_field_options(classes: Iterable[type], where: Where | None = None, pane
         return command
 
     return decorate
+
+
+def as_arguments(values: dict[str, Any]) -> list[str]:
+    """The command-line arguments that give these generated options again (`with_field_options`' `**options`):
+    None (not given) is left out, a bool is `--x` / `--no-x`, a list repeats its option. `adalora sweep` passes the
+    user's options on to every `adalora train` this way."""
+    arguments: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = option_name(name)
+        if isinstance(value, bool):
+            arguments.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                arguments += [flag, str(item)]
+        else:
+            arguments += [flag, str(value)]
+    return arguments

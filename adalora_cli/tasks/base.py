@@ -102,6 +102,16 @@ class Task:
     def greater_is_better(self, metric: str) -> bool:
         return metric not in ("mse", "loss", "perplexity")
 
+    def headline(self, metrics: dict[str, float]) -> float:
+        """The one number that compares runs of this task (`adalora sweep`'s tables and picture), from a run's
+        evaluation metrics: the main metric by default."""
+        return float(metrics[self.main_metric])
+
+    @property
+    def headline_name(self) -> str:
+        """What `headline` is, for a table's caption and a picture's axis."""
+        return self.main_metric
+
     # -- settings --------------------------------------------------------------------------------------
 
     @property

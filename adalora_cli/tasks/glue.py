@@ -128,6 +128,16 @@ class GlueTask(SequenceClassifier, Task):
             EvalSplit(split, "_mm" if split.endswith("mismatched") else "") for split in spec.eval_files
         )
 
+    def headline(self, metrics: dict[str, float]) -> float:
+        """The GLUE score: the mean of the task's GLUE metrics x 100 (MRPC: accuracy and F1; STS-B: Pearson and
+        Spearman; MNLI: matched accuracy)."""
+        return 100 * float(np.mean([metrics[name] for name in self.spec.metrics]))
+
+    @property
+    def headline_name(self) -> str:
+        names = " and ".join(self.spec.metrics)
+        return f"mean of {names} x 100" if len(self.spec.metrics) > 1 else f"{names} x 100"
+
     @property
     def group_columns(self) -> tuple[str, ...]:
         """A held-out share takes a repeated sentence (pair) with all its rows."""
