@@ -4,11 +4,13 @@
     python scripts/bench_quality.py --workers 4 --device cuda  # parallel runs on one GPU
     python scripts/bench_quality.py --tiny                     # smoke run (tests)
 
-Every (task, method, seed) is one training run in its own process: ours through `adalora train`, peft's
-AdaLoRA through the Hugging Face Trainer with `update_and_allocate` called after every optimizer step (the
+Every (task, method, seed) is one training run in its own process: ours are the cells of one `adalora sweep`
+(adalora_cli/sweep.py: parallel workers, finished runs skipped, WORK_DIR/sweep.json, .md and .png), peft's
+AdaLoRA runs through the Hugging Face Trainer with `update_and_allocate` called after every optimizer step (the
 way peft documents it), on the same tokenised data, with the same budget, schedule fractions, learning
-rate, alpha and regulariser weight as ours. A task's score is the mean of its GLUE metrics (MRPC: accuracy
-and F1; STS-B: Pearson and Spearman; CoLA: Matthews correlation; others: accuracy), times 100.
+rate, alpha and regulariser weight as ours. A task's score is its headline (`Task.headline`: for GLUE the mean of
+its GLUE metrics, MRPC accuracy and F1, STS-B Pearson and Spearman, CoLA Matthews correlation, others accuracy,
+times 100).
 """
 
 from __future__ import annotations
@@ -33,22 +35,29 @@ METHODS = ["lora", "adalora", "prilora", "dylora", "peft-adalora"]
 NOTES = "\n## Notes"  # where the generated part of BENCHMARKS.md ends and the hand-written notes begin
 
 
-def score(metrics: dict[str, float]) -> float:
-    keys = [k for k in ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr") if k in metrics]
-    return 100 * statistics.mean(metrics[k] for k in keys)
+def score(task: str, metrics: dict[str, float]) -> float:
+    from adalora_cli.tasks import get_task
+
+    return get_task(task).headline(metrics)
 
 
-def run_ours(job: dict, args) -> None:
-    out = Path(job["out"])
-    command = [sys.executable, "-m", "adalora_cli", "train", "--task", job["task"], "--method", job["method"],
-               "--budget", args.budget, "--model", args.model, "--data-dir", args.data_dir,
-               "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-seq-length", str(args.max_seq_length), "--seed", str(job["seed"]), "--overwrite",
-               "--set", f"logging_steps={max(1, args.steps // 5)}", "--set", f"save_steps={10 * args.steps}"]
-    for option in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, option) is not None:
-            command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+def run_ours(args) -> list[dict]:
+    """Our methods: one `adalora sweep` over tasks x methods x seeds at the one budget; its finished cells as runs."""
+    from adalora_cli.sweep import Sweep, run_sweep
+
+    ours = [m for m in args.methods if m != "peft-adalora"]
+    if not ours:
+        return []
+    options = {"model": args.model, "data_dir": args.data_dir, "max_steps": args.steps, "batch_size": args.batch_size,
+               "max_seq_length": args.max_seq_length, "max_train_samples": args.max_train_samples,
+               "max_eval_samples": args.max_eval_samples}
+    sweep = Sweep(args.tasks, ours, [args.budget], args.seeds, Path(args.work_dir), args.workers, options=options,
+                  sets=[f"logging_steps={max(1, args.steps // 5)}", f"save_steps={10 * args.steps}"], rerun=args.rerun)
+    cells = run_sweep(sweep, echo=lambda line: print(line, flush=True))
+    args.failed += [c for c in cells if c["status"] == "failed"]
+    return [{"task": c["task"], "method": c["method"], "seed": c["seed"], "model": c["model"],
+             "budget": c["budget_params"], "adapter_params": c["params"], "train_runtime_s": c["seconds"],
+             "eval": c["metrics"]} for c in cells if c["status"] == "finished"]
 
 
 def run_peft_adalora(job: dict, args) -> dict:
@@ -118,17 +127,13 @@ def run_peft_adalora(job: dict, args) -> dict:
     return metrics
 
 
-def run_job(job: dict, args) -> dict:
+def run_peft_job(job: dict, args) -> dict:
+    """A peft-AdaLoRA run in a process of its own (skipped when its metrics.json is there, unless --rerun)."""
     out = Path(job["out"])
     if not (out / "metrics.json").is_file() or args.rerun:
-        if job["method"] == "peft-adalora":
-            command = [sys.executable, __file__, "--peft-job", json.dumps(job), *args.passthrough]
-            subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-        else:
-            run_ours(job, args)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {**metrics, "command": "python scripts/bench_quality.py " + " ".join(args.passthrough),
-            "machine": machine(args)}
+        command = [sys.executable, __file__, "--peft-job", json.dumps(job), *args.passthrough]
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    return {"seed": job["seed"], **json.loads((out / "metrics.json").read_text())}
 
 
 def write_report(results: dict, args) -> str:
@@ -160,12 +165,12 @@ def write_report(results: dict, args) -> str:
     for method in args.methods:
         cells, per_seed_average, params = [], [], set()
         for task in args.tasks:
-            scores = [score(results[(task, method, s)]["eval"]) for s in complete]
+            scores = [score(task, results[(task, method, s)]["eval"]) for s in complete]
             params.update(results[(task, method, s)]["adapter_params"] for s in complete)
             spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
             cells.append(f"{statistics.mean(scores):.1f} +- {spread:.1f}")
         for s in complete:
-            per_seed_average.append(statistics.mean(score(results[(t, method, s)]["eval"]) for t in args.tasks))
+            per_seed_average.append(statistics.mean(score(t, results[(t, method, s)]["eval"]) for t in args.tasks))
         spread = statistics.stdev(per_seed_average) if len(per_seed_average) > 1 else 0.0
         span = f"{min(params):,}" if len(params) == 1 else f"{min(params):,} - {max(params):,}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(per_seed_average):.1f} +- "
@@ -218,33 +223,38 @@ def main() -> None:
     if args.peft_job:
         run_peft_adalora(json.loads(args.peft_job), args)
         return
-    # Seed by seed, so that an interrupted benchmark has every task and method for its first seeds.
-    jobs = [{"task": t, "method": m, "seed": s, "out": str(Path(args.work_dir) / f"{t}-{m}-{s}")}
-            for s in args.seeds for t in args.tasks for m in args.methods]
     results = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    args.failed = []
     if args.from_runs:
-        for path in args.from_runs:
-            for run in json.loads(Path(path).read_text()):
-                results[(run["task"], run["method"], run["seed"])] = run
-        jobs = []
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for job, metrics in zip(jobs, pool.map(lambda j: run_job(j, args), jobs)):
-            results[(job["task"], job["method"], job["seed"])] = metrics
-            print(f"{job['task']:6s} {job['method']:13s} seed {job['seed']}: {score(metrics['eval']):.1f} "
-                  f"({metrics['adapter_params']:,} params)", flush=True)
-            save_runs(results, out)  # after every run: an interrupted benchmark keeps what it measured
+        runs = [run for path in args.from_runs for run in json.loads(Path(path).read_text())]
+    else:
+        runs = run_ours(args)  # our methods: the cells of one sweep (folders WORK_DIR/<task>-<method>-<budget>-s<seed>)
+        jobs = [{"task": t, "method": "peft-adalora", "seed": s,
+                 "out": str(Path(args.work_dir) / f"{t}-peft-adalora-{args.budget}-s{s}")}
+                for s in args.seeds for t in args.tasks if "peft-adalora" in args.methods]
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            for job, metrics in zip(jobs, pool.map(lambda j: run_peft_job(j, args), jobs)):
+                print(f"{job['task']:6s} peft-adalora seed {job['seed']}: {score(job['task'], metrics['eval']):.1f} "
+                      f"({metrics['adapter_params']:,} params)", flush=True)
+                runs.append(metrics)
+        stamp = {"command": "python scripts/bench_quality.py " + " ".join(args.passthrough), "machine": machine(args)}
+        runs = [{**run, **stamp} for run in runs]
+    for run in runs:
+        results[(run["task"], run["method"], run["seed"])] = run
     save_runs(results, out)
     report = write_report(results, args)
     old = out.read_text() if out.is_file() else ""
     notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written analysis below the table survives
     out.write_text(report + ("\n" + notes if notes else ""))
     print(report)
+    if args.failed:
+        sys.exit(f"{len(args.failed)} run(s) failed: " + "; ".join(f"{c['folder']}: {c['error']}" for c in args.failed))
 
 
 def save_runs(results: dict, out: Path) -> None:
-    rows = [{"task": k[0], "method": k[1], "seed": k[2], **v} for k, v in results.items()]
+    rows = [{**v, "task": k[0], "method": k[1], "seed": k[2]} for k, v in results.items()]
     (out.parent / "runs.json").write_text(json.dumps(rows, indent=1))
 
 

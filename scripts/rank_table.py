@@ -2,7 +2,8 @@
 
     python scripts/rank_table.py --work-dir runs/bench_quality --tasks sst2 mrpc stsb rte cola --seeds 0 1 2
 
-Reads the `dylora` and `lora` runs that `scripts/bench_quality.py` trained (`WORK_DIR/<task>-<method>-<seed>`) and,
+Reads the `dylora` and `lora` runs that `scripts/bench_quality.py` (or `adalora sweep`) trained
+(`WORK_DIR/<task>-<method>-<budget>-s<seed>`) and,
 for every rank b from 1 to r_max, scores (GLUE metrics x 100, as bench_quality.py does) on the GLUE dev sets:
 - DyLoRA evaluated at rank b (`adalora eval --rank-sweep`, cached in each run's eval_ranks.json);
 - the LoRA adapter cut to its first b components with the scale it was trained with (alpha / r_max): what one
@@ -28,14 +29,14 @@ from bench_quality import score  # noqa: E402
 from truncated_lora_eval import truncate  # noqa: E402
 
 
-def dylora_by_rank(run: Path) -> dict[int, float]:
+def dylora_by_rank(run: Path, task: str) -> dict[int, float]:
     if not (run / "eval_ranks.json").is_file():
         subprocess.run([sys.executable, "-m", "adalora_cli", "eval", str(run), "--rank-sweep"], check=True,
                        capture_output=True, text=True, cwd=ROOT)
-    return {int(b): score(m) for b, m in json.loads((run / "eval_ranks.json").read_text()).items()}
+    return {int(b): score(task, m) for b, m in json.loads((run / "eval_ranks.json").read_text()).items()}
 
 
-def lora_by_rank(run: Path, ranks: list[int], rescale: bool) -> dict[int, float]:
+def lora_by_rank(run: Path, task: str, ranks: list[int], rescale: bool) -> dict[int, float]:
     from adalora_cli import rundir
     from adalora_cli.evaluation import evaluate
     from adalora_cli.rundata import quiet_datasets, read_data
@@ -51,7 +52,7 @@ def lora_by_rank(run: Path, ranks: list[int], rescale: bool) -> dict[int, float]
         task, _, evals = read_data(cfg, training=False)
         found[str(rank)] = evaluate(model, tokenizer, task, evals, cfg, cfg.compute_precision())
         cache.write_text(json.dumps(found, indent=1))
-    return {int(b): score(m) for b, m in found.items() if int(b) in ranks}
+    return {int(b): score(task, m) for b, m in found.items() if int(b) in ranks}
 
 
 def main() -> None:
@@ -59,17 +60,18 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_quality"))
     parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb", "rte", "cola"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budget", default="0.3M", help="the budget the runs were trained at, as written")
     parser.add_argument("--json", help="write every run's per-rank scores here")
     args = parser.parse_args()
     work = Path(args.work_dir)
     rows = {"dylora": {}, "lora, trained scale": {}, "lora, rescaled to alpha/b": {}}
     for task in args.tasks:
         for seed in args.seeds:
-            dylora = dylora_by_rank(work / f"{task}-dylora-{seed}")
+            dylora = dylora_by_rank(work / f"{task}-dylora-{args.budget}-s{seed}", task)
             ranks = sorted(dylora)
-            lora = work / f"{task}-lora-{seed}"
-            for name, scores in (("dylora", dylora), ("lora, trained scale", lora_by_rank(lora, ranks, False)),
-                                 ("lora, rescaled to alpha/b", lora_by_rank(lora, ranks, True))):
+            lora = work / f"{task}-lora-{args.budget}-s{seed}"
+            for name, scores in (("dylora", dylora), ("lora, trained scale", lora_by_rank(lora, task, ranks, False)),
+                                 ("lora, rescaled to alpha/b", lora_by_rank(lora, task, ranks, True))):
                 rows[name][f"{task}-{seed}"] = scores
                 print(f"{task} seed {seed} {name}: " + " ".join(f"{b}:{v:.1f}" for b, v in scores.items()), flush=True)
     ranks = sorted({b for runs in rows.values() for scores in runs.values() for b in scores})
