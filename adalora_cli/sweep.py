@@ -261,7 +261,8 @@ def run_cell(sweep: Sweep, cell: Cell, how: str, runner: Runner, env: dict[str, 
     log = sweep.log(cell)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
-    sweep.plan_file(cell).parent.mkdir(parents=True, exist_ok=True)
+    if cell.method == PLAN_LORA:
+        sweep.plan_file(cell).parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     for argv in commands(sweep, cell, how):
         code = runner(argv, log, env)

@@ -3,8 +3,9 @@
     python scripts/sweep.py --method prilora --tasks sst2 mrpc --seeds 0 1 \\
         --grid prilora.prune_ratio=0.1,0.25,0.5 --grid prilora.prune_interval=10,50 --workers 4
 
-Every grid point (the product of the `--grid` value lists) is trained on every task and seed; the table
-gives the mean task score (GLUE metrics x 100, see bench_quality.py) per point, task and on average.
+Every grid point (the product of the `--grid` value lists) is one `adalora sweep` (adalora_cli/sweep.py: the same
+cell runner, parallel workers, finished runs skipped) of the method on every task and seed, its `--set` items added;
+the table gives the mean task score (`Task.headline`: GLUE metrics x 100) per point, task and on average.
 Scores come from a held-out slice of each task's *training* file (`--holdout` rows, drawn with a fixed
 seed), never from the GLUE dev sets, so that choosing defaults does not tune on the numbers we report.
 """
@@ -18,7 +19,6 @@ import random
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import add_run_options, score  # noqa: E402
 
+from adalora_cli.sweep import Sweep, run_sweep  # noqa: E402
 from adalora_cli.tasks.glue import SPECS  # noqa: E402
 
 
@@ -56,34 +57,39 @@ def grid_points(grids: list[str]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)] if keys else [{}]
 
 
-def train(job: dict, args) -> dict:
-    out = Path(job["out"])
-    if not (out / "metrics.json").is_file():
-        command = [sys.executable, "-m", "adalora_cli", "train", "--task", job["task"], "--method", args.method,
-                   "--budget", args.budget, "--model", args.model, "--data-dir", str(args.eval_data),
-                   "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-seq-length", str(args.max_seq_length), "--seed", str(job["seed"]), "--overwrite",
-                   "--set", f"save_steps={10 * args.steps}",
-                   "--max-train-samples", str(args.steps * args.batch_size)]  # one pass; no tokenising unused rows
-        for key, value in job["point"].items():
-            command += ["--set", f"{key}={value}"]
-        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    metrics = json.loads((out / "metrics.json").read_text())
-    if args.rank_sweep:  # score an any-rank adapter by its mean over ranks 1..r_max (every rank printed)
-        if not (out / "eval_ranks.json").is_file():
-            subprocess.run([sys.executable, "-m", "adalora_cli", "eval", str(out), "--rank-sweep"], check=True,
-                           capture_output=True, text=True, cwd=ROOT)
-        by_rank = {r: score(m) for r, m in json.loads((out / "eval_ranks.json").read_text()).items()}
-        metrics["by_rank"] = by_rank
-        print(f"{job['task']:6s} seed {job['seed']} {job['point']}: ranks " +
-              " ".join(f"{r}:{v:.1f}" for r, v in by_rank.items()), flush=True)
-    print(f"{job['task']:6s} seed {job['seed']} {job['point']}: {score(metrics['eval']):.2f}", flush=True)
-    return metrics
+def train_point(point: dict[str, str], tag: str, args) -> list[dict]:
+    """Every task and seed at one grid point: one sweep, in WORK_DIR/<method>/<tag>/; the cells' results."""
+    options = {"model": args.model, "data_dir": str(args.eval_data), "max_steps": args.steps,
+               "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+               "max_train_samples": args.steps * args.batch_size}  # one pass; no tokenising unused rows
+    sets = [f"save_steps={10 * args.steps}"] + [f"{key}={value}" for key, value in point.items()]
+    sweep = Sweep(args.tasks, [args.method], [args.budget], args.seeds, Path(args.work_dir) / args.method / tag,
+                  args.workers, options=options, sets=sets)
+    cells = run_sweep(sweep, echo=lambda line: print(f"{tag}: {line}", flush=True))
+    failed = [c for c in cells if c["status"] == "failed"]
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed: " + "; ".join(f"{c['folder']}: {c['error']}" for c in failed))
+    results = []
+    for cell in cells:
+        metrics = {"task": cell["task"], "seed": cell["seed"], "eval": cell["metrics"], "folder": cell["folder"],
+                   "adapter_params": cell["params"]}
+        if args.rank_sweep:  # score an any-rank adapter by its mean over ranks 1..r_max (every rank printed)
+            out = Path(cell["folder"])
+            if not (out / "eval_ranks.json").is_file():
+                subprocess.run([sys.executable, "-m", "adalora_cli", "eval", str(out), "--rank-sweep"], check=True,
+                               capture_output=True, text=True, cwd=ROOT)
+            metrics["by_rank"] = {r: score(cell["task"], m)
+                                  for r, m in json.loads((out / "eval_ranks.json").read_text()).items()}
+            print(f"{cell['task']:6s} seed {cell['seed']} {point}: ranks " +
+                  " ".join(f"{r}:{v:.1f}" for r, v in metrics["by_rank"].items()), flush=True)
+        results.append(metrics)
+    return results
 
 
 def run_score(metrics: dict) -> float:
     """A run's task score; for a rank sweep, the mean over its ranks."""
-    return statistics.mean(metrics["by_rank"].values()) if "by_rank" in metrics else score(metrics["eval"])
+    return statistics.mean(metrics["by_rank"].values()) if "by_rank" in metrics else \
+        score(metrics["task"], metrics["eval"])
 
 
 def main() -> None:
@@ -102,15 +108,12 @@ def main() -> None:
     if args.holdout:
         args.eval_data = holdout_split(Path(args.data_dir), Path(args.work_dir), args.tasks, args.holdout)
     points = grid_points(args.grid)
-    jobs = []
-    for i, point in enumerate(points):
+    jobs, results = [], []
+    for i, point in enumerate(points):  # point by point, each a sweep with --workers runs at once
         tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "default"
-        for task in args.tasks:
-            for seed in args.seeds:
-                jobs.append({"point": point, "index": i, "task": task, "seed": seed,
-                             "out": str(Path(args.work_dir) / args.method / f"{tag}-{task}-{seed}")})
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(lambda j: train(j, args), jobs))
+        for metrics in train_point(point, tag, args):
+            jobs.append({"point": point, "index": i, "task": metrics["task"], "seed": metrics["seed"]})
+            results.append(metrics)
     scored_on = f"{args.holdout} held-out training rows" if args.holdout else "the dev sets"
     print(f"{args.method}, {args.steps} steps, budget {args.budget}, seeds {args.seeds}, scored on {scored_on}")
     print("point".ljust(40) + "".join(f"{t:>9s}" for t in args.tasks) + "  average")

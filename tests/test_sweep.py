@@ -82,7 +82,7 @@ def test_plan_lora_plans_then_trains_lora_with_the_plan_and_a_second_sweep_runs_
     assert len(results) == 8 and {r["status"] for r in results} == {"finished"}
     cell = Cell("mrpc", PLAN_LORA, "4k", 1)
     plan_file = str(sweep.out / "plans" / f"{cell.name}.json")
-    calls = [argv for argv in runner.calls if f"--seed" in argv and argv[argv.index("--seed") + 1] == "1"
+    calls = [argv for argv in runner.calls if "--seed" in argv and argv[argv.index("--seed") + 1] == "1"
              and "4k" in argv and ("--rank-plan" in argv or argv[0] == "plan")]
     assert [argv[0] for argv in calls] == ["plan", "train"]
     plan, train = calls
