@@ -304,9 +304,10 @@ def _error_line(log: Path) -> str:
     return (errors or lines or [""])[-1]
 
 
-def run_sweep(sweep: Sweep, runner: Runner = run_adalora, echo: Callable[[str], None] = print) -> list[dict]:
-    """Check the inputs, run every cell that is not finished yet, write sweep.json / sweep.md / sweep.png; the cells'
-    results in cell order."""
+def run_sweep(sweep: Sweep, runner: Runner | None = None, echo: Callable[[str], None] = print) -> list[dict]:
+    """Check the inputs, run every cell that is not finished yet (through `runner`, default `run_adalora`), write
+    sweep.json / sweep.md / sweep.png; the cells' results in cell order."""
+    runner = runner or run_adalora
     sweep.out = Path(sweep.out).resolve()
     wanted = check(sweep)
     sweep.out.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def option_names(command: str) -> list[str]:
     return [name for param in click_command.params for name in param.opts + param.secondary_opts]
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "export-adapter"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "export-adapter", "sweep"])
 def test_help_at_80_columns_shows_every_option_name_whole(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert result.exit_code == 0

@@ -245,3 +245,32 @@ def test_real_sweep_reports_a_cell_the_train_command_refuses_and_finishes_the_ot
     assert "below one rank" in Path(cells["500"]["log"]).read_text()
     assert "| lora | failed | " in (out / "sweep.md").read_text()
     assert "(2 cells, 1 failed)" in proc.stdout
+
+
+def test_the_command_line_takes_lists_as_words_or_repeated_options_and_passes_train_options_on(
+        tmp_path, glue_dir, monkeypatch):
+    out = tmp_path / "out"
+    grid = Sweep(["sst2", "mrpc"], ["lora", PLAN_LORA], ["2k", "4k"], [0, 3], out,
+                 options={"model": "minilm-l6", "data_dir": str(glue_dir), "max_steps": 3, "keep_best": False})
+    fake = FakeRunner(grid)
+    monkeypatch.setattr(sweeping, "run_adalora", fake)
+    result = CliRunner().invoke(app, ["sweep", "--tasks", "sst2", "--tasks", "mrpc", "--methods", "lora", PLAN_LORA,
+                                      "--budgets", "2k", "4k", "--seeds", "0", "3", "--out", str(out), "--model",
+                                      "minilm-l6", "--data-dir", str(glue_dir), "--max-steps", "3", "--no-keep-best",
+                                      "--plan-steps", "5", "--workers", "3"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    assert [(c["task"], c["method"], c["budget"], c["seed"]) for c in cells] == \
+        [(c.task, c.method, c.budget, c.seed) for c in grid.cells()] and len(cells) == 16
+    train = fake.trained()[0]
+    assert train[train.index("--max-steps") + 1] == "3" and "--no-keep-best" in train
+    plans = [argv for argv in fake.calls if argv[0] == "plan"]
+    assert len(plans) == 8 and all(argv[argv.index("--plan-steps") + 1] == "5" for argv in plans)
+    assert "(16 cells, 0 failed)" in result.stdout
+
+
+def test_workers_split_the_cpu_threads():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert sweeping.worker_environment(1)["OMP_NUM_THREADS"] == str(cores)
+    assert sweeping.worker_environment(cores * 2)["OMP_NUM_THREADS"] == "1"
+    assert sweeping.worker_environment(2)["MKL_NUM_THREADS"] == str(max(1, cores // 2))
