@@ -186,9 +186,11 @@ def cell_state(sweep: Sweep, cell: Cell, wanted: dict[str, Any]) -> tuple[str, s
         return "--overwrite", "settings changed" if saved is not None else "no config.yaml"
     if (folder / "metrics.json").is_file():
         record = _read_record(folder)
-        if record is not None and record.get("commands") == identity(sweep, cell):
+        if record is None:
+            return "--overwrite", f"finished, but not by a sweep (no {RECORD})"
+        if record.get("commands") == identity(sweep, cell):
             return "skip", "finished"
-        return "--overwrite", "commands changed"
+        return "--overwrite", "options changed"
     if any((folder / "checkpoints").glob("checkpoint-*")):
         return "--resume", "unfinished"
     return "--overwrite", "unfinished, no checkpoint"
