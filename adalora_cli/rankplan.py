@@ -254,7 +254,11 @@ def make_plan(cfg, out: Path, fraction: float | None = None, steps: int | None =
     """
     from adalora_cli.pipeline import run_train
 
+    from adalora_cli import distributed
+
     started = time.time()
+    if distributed.world_size() > 1:
+        raise UserError("adalora plan runs in one process (its pass is short); run it without torchrun")
     if mode not in MODES:
         raise UserError(f"unknown --plan-mode {mode!r}; choose one of: {', '.join(MODES)}")
     out = Path(out)
