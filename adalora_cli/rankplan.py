@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import tempfile
@@ -107,8 +108,6 @@ def read_plan(path: str | Path) -> RankPlanFile:
     if not path.is_file():
         raise UserError(f"rank plan {path} does not exist; {MAKE_ONE}, or give a finished run folder")
     try:
-        import json
-
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"rank plan {path} is not readable JSON ({type(exc).__name__}); {MAKE_ONE}") from None
@@ -235,11 +234,14 @@ def pass_schedule(method_cfg, mode: str, steps: int, full: int) -> dict[str, flo
     """
     if mode == "scores":
         return {"t_init": steps - 1, "t_final": 0, "delta_t": 1}
+    from adalora_cli.methods.adalora import RESCALED_SHARE
+
     share = lambda value: value / full if value >= 1 else value  # noqa: E731
     t_init, t_final, delta_t = share(method_cfg.t_init), share(method_cfg.t_final), share(method_cfg.delta_t)
-    span = max(1e-9, 1.0 - t_final)  # warm-up plus decay, as a share of the full run
-    if t_init >= span:
-        t_init = span * 0.15  # the schedule would have been rescaled anyway (adalora.RESCALED_SHARE's proportions)
+    if t_init + t_final >= 1:  # the full run would shrink it so (adalora.resolve_schedule): the same proportions
+        factor = RESCALED_SHARE / (t_init + t_final)
+        t_init, t_final, delta_t = t_init * factor, t_final * factor, delta_t * factor
+    span = 1.0 - t_final  # warm-up plus decay, as a share of the full run
     warmup = min(steps - 1, round(steps * t_init / span))
     return {"t_init": warmup, "t_final": 0, "delta_t": max(1, round(steps * delta_t / span))}
 

@@ -122,6 +122,10 @@ def test_pass_schedule():
     # step counts are shares of the full run: 300 of 3000 warm-up, 1200 final, 60 between allocations
     steps = AdaLoraConfig(t_init=300, t_final=1200, delta_t=60)
     assert rankplan.pass_schedule(steps, "schedule", 300, 3000) == {"t_init": 50, "t_final": 0, "delta_t": 10}
+    # a schedule that does not fit the full run keeps the proportions the full run would shrink it to
+    # (t_init 0.5 and t_final 1.0 -> x 0.65 / 1.5: warm-up 0.217 of 0.567 before the final phase)
+    too_long = AdaLoraConfig(t_init=500, t_final=1000)
+    assert rankplan.pass_schedule(too_long, "schedule", 100, 1000) == {"t_init": 38, "t_final": 0, "delta_t": 1}
     for mode in rankplan.MODES:  # the schedule fits the pass as it is: never rescaled
         s = resolve_schedule(AdaLoraConfig(**rankplan.pass_schedule(cfg, mode, 7, 70)), 7)
         assert s.t_init + s.t_final < 7 and s.decay_steps >= 1
