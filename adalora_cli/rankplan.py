@@ -275,6 +275,7 @@ def make_plan(cfg, out: Path, fraction: float | None = None, steps: int | None =
     if cfg.rank_plan is not None:
         raise UserError("--rank-plan applies to `adalora train --method lora`; drop it from `adalora plan`")
     pass_cfg = copy.deepcopy(cfg)
+    _adapt_the_same_matrices(pass_cfg)
     pass_cfg.method = "adalora"
     pass_cfg.validate()
     n_steps, full = pass_steps(pass_cfg, fraction, steps)
@@ -300,6 +301,14 @@ def make_plan(cfg, out: Path, fraction: float | None = None, steps: int | None =
                 len(plan.targets), sum(plan.ranks.values()), sum(1 for r in plan.ranks.values() if r == 0),
                 f"{plan.params:,}", f" of a budget of {plan.budget:,}" if plan.budget else "", json_path, png)
     return plan
+
+
+def _adapt_the_same_matrices(cfg) -> None:
+    """Given the options of a run of another method (`--method lora --set lora.target_modules=...`), the pass
+    adapts the matrices that run will, unless adalora's own target_modules are set."""
+    chosen = cfg.method_args.get(cfg.method, {}).get("target_modules")
+    if cfg.method != "adalora" and chosen is not None:
+        cfg.method_args.setdefault("adalora", {}).setdefault("target_modules", chosen)
 
 
 def _model_type(cfg) -> str | None:

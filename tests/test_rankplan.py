@@ -23,6 +23,9 @@ PASS = ("--max-steps", "60", "--batch-size", "8", "--max-train-samples", "64", "
         "--max-seq-length", "32", "--budget", "1k", "--set", "adalora.init_r=8")
 
 
+QUERY_VALUE = ("--set", 'lora.target_modules=["query", "value"]')
+
+
 def common(model_dir, glue_dir):
     return ["--task", "sst2", "--model", model_dir, "--data-dir", str(glue_dir)]
 
@@ -51,8 +54,10 @@ def plans(tiny_bert_dir, glue_dir, tmp_path_factory):
     def get(mode):
         if mode not in made:
             folder = tmp_path_factory.mktemp(f"plan-{mode}")
-            ok(invoke("plan", *common(tiny_bert_dir, glue_dir), *PASS, "--plan-fraction", "0.1", "--plan-mode", mode,
-                      "--output-dir", folder / "pass", "--out", folder / "plan.json"))
+            # scores: the options of a LoRA run on two matrices per layer, whose matrices the pass adapts
+            method = ("--method", "lora", *QUERY_VALUE) if mode == "scores" else ()
+            ok(invoke("plan", *common(tiny_bert_dir, glue_dir), *PASS, *method, "--plan-fraction", "0.1",
+                      "--plan-mode", mode, "--output-dir", folder / "pass", "--out", folder / "plan.json"))
             made[mode] = folder
         return made[mode]
 
@@ -105,10 +110,12 @@ def test_scores_mode_allocates_once_at_the_last_step(plans, tiny_bert_dir, glue_
     history = rundir.RunDir(folder / "pass").rank_history
     # the full initial rank until the last step, then one allocation straight to the final budget
     assert [h["step"] for h in history] == [0, 6]
-    assert history[0]["total_rank"] == 8 * 12 and history[1]["budget"] == 1000
-    assert rundir.RunDir(folder / "pass").config.method_config().t_init == 5
+    assert history[0]["total_rank"] == 8 * 4 and history[1]["budget"] == 1000  # query and value of 2 layers
+    pass_config = rundir.RunDir(folder / "pass").config
+    assert pass_config.method == "adalora" and pass_config.method_config().t_init == 5  # --method lora: still adalora
     data = json.loads((folder / "plan.json").read_text())
     assert data["made_by"]["mode"] == "scores"
+    assert sorted(t["kind"] for t in data["targets"]) == ["Wq", "Wq", "Wv", "Wv"]
     assert {t["name"]: t["rank"] for t in data["targets"]} == \
            json.loads((folder / "pass" / rundir.RANK_PATTERN).read_text())
 
@@ -176,7 +183,7 @@ def test_plan_from_a_run_folder_trains(plans, tiny_bert_dir, glue_dir, tmp_path)
     """The AdaLoRA pass's own run folder given to --rank-plan, with a --budget of its own."""
     out = tmp_path / "run"
     ok(invoke("train", "--method", "lora", *common(tiny_bert_dir, glue_dir), "--max-steps", "2", "--batch-size", "8",
-              "--max-train-samples", "16", "--max-eval-samples", "8", "--max-seq-length", "32", "--budget", "2k",
+              "--max-train-samples", "16", "--max-eval-samples", "8", "--max-seq-length", "32", "--budget", "2k", *QUERY_VALUE,
               "--rank-plan", plans("scores") / "pass", "--output-dir", out))
     assert json.loads((out / rundir.RANK_PATTERN).read_text()) == \
            json.loads((plans("scores") / "pass" / rundir.RANK_PATTERN).read_text())
