@@ -327,10 +327,10 @@ def summary(plan: RankPlanFile, out: Path) -> str:
     """The end of `adalora plan`: where the plan is, what it holds, and the command that uses it."""
     ranks = plan.ranks
     budget = f" (budget {format_count(plan.budget)})" if plan.budget else ""
-    made = plan.made_by
+    made, unadapted = plan.made_by, sum(1 for r in ranks.values() if r == 0)
     rows = [("plan", f"{out}, heat map {heat_map_path(out)}"),
-            ("ranks", f"{len(ranks)} matrices, total rank {sum(ranks.values())}, {sum(1 for r in ranks.values() if r == 0)} "
-                      f"at rank 0, max {max(ranks.values())}"),
+            ("ranks", f"{len(ranks)} matrices, total rank {sum(ranks.values())}, {unadapted} at rank 0, max "
+                      f"{max(ranks.values())}"),
             ("cost", f"{plan.params:,} LoRA parameters{budget}"),
             ("pass", f"{made['mode']} mode, {made['steps']:,} of {made['of_steps']:,} optimizer steps in "
                      f"{math.ceil(made['seconds'])} s"),

@@ -2,7 +2,6 @@
 --rank-plan` trains plain LoRA at exactly those ranks, exported for PEFT with its rank_pattern. Then the refusals."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -56,8 +55,9 @@ def plans(tiny_bert_dir, glue_dir, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"plan-{mode}")
             # scores: the options of a LoRA run on two matrices per layer, whose matrices the pass adapts
             method = ("--method", "lora", *QUERY_VALUE) if mode == "scores" else ()
-            ok(invoke("plan", *common(tiny_bert_dir, glue_dir), *PASS, *method, "--plan-fraction", "0.1",
-                      "--plan-mode", mode, "--output-dir", folder / "pass", "--out", folder / "plan.json"))
+            result = ok(invoke("plan", *common(tiny_bert_dir, glue_dir), *PASS, *method, "--plan-fraction", "0.1",
+                               "--plan-mode", mode, "--output-dir", folder / "pass", "--out", folder / "plan.json"))
+            (folder / "summary.txt").write_text(result.stdout)
             made[mode] = folder
         return made[mode]
 
@@ -95,6 +95,11 @@ def test_plan_holds_the_short_runs_final_ranks(plans, tiny_bert_dir):
     assert run.metrics["steps"] == 6 and run.metrics["eval"] == {}  # the pass evaluates nothing
     assert run.config.method == "adalora" and run.config.max_steps == 6
     assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (folder / "summary.txt").read_text()
+    zeros = sum(1 for r in pattern.values() if r == 0)
+    assert f"12 matrices, total rank {sum(pattern.values())}, {zeros} at rank 0" in summary
+    assert f"{data['params']:,} LoRA parameters (budget 1.0k)" in summary and "6 of 60 optimizer steps" in summary
+    assert f"adalora train --method lora --rank-plan {folder / 'plan.json'}" in summary
 
 
 def test_schedule_mode_prunes_along_the_compressed_schedule(plans):
@@ -183,8 +188,8 @@ def test_plan_from_a_run_folder_trains(plans, tiny_bert_dir, glue_dir, tmp_path)
     """The AdaLoRA pass's own run folder given to --rank-plan, with a --budget of its own."""
     out = tmp_path / "run"
     ok(invoke("train", "--method", "lora", *common(tiny_bert_dir, glue_dir), "--max-steps", "2", "--batch-size", "8",
-              "--max-train-samples", "16", "--max-eval-samples", "8", "--max-seq-length", "32", "--budget", "2k", *QUERY_VALUE,
-              "--rank-plan", plans("scores") / "pass", "--output-dir", out))
+              "--max-train-samples", "16", "--max-eval-samples", "8", "--max-seq-length", "32", "--budget", "2k",
+              *QUERY_VALUE, "--rank-plan", plans("scores") / "pass", "--output-dir", out))
     assert json.loads((out / rundir.RANK_PATTERN).read_text()) == \
            json.loads((plans("scores") / "pass" / rundir.RANK_PATTERN).read_text())
     assert rundir.RunDir(out).config.budget == 2000
