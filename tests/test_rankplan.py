@@ -268,3 +268,32 @@ def test_plan_for_targets_unit():
         rankplan.plan_for_targets(plan, targets, 35)
     with pytest.raises(UserError, match="other target matrices"):
         rankplan.plan_for_targets(plan, targets[:1], None)
+
+
+def test_killed_then_resumed_planned_lora_equals_uninterrupted_run(plans, tiny_bert_dir, glue_dir, tmp_path):
+    """--resume rebuilds the planned ranks (the plan's path is in config.yaml) and continues exactly."""
+    import signal
+
+    from conftest import ON_CPU
+    from test_resume import run_cli, run_in_process
+
+    from adalora_cli import files
+
+    def args(out):
+        return ["train", "--method", "lora", *common(tiny_bert_dir, glue_dir), "--max-steps", "8", "--batch-size", "8",
+                "--max-train-samples", "64", "--max-eval-samples", "16", "--max-seq-length", "32",
+                "--rank-plan", plans("schedule") / "plan.json", "--output-dir", out, "--set", "save_steps=2", *ON_CPU]
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_in_process(args(reference))
+    killed = run_cli(args(resumed), ADALORA_TEST_KILL_AFTER_SAVE="4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = run_cli(["train", "--output-dir", resumed, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in (rundir.RANK_PATTERN, rundir.ADAPTER_CONFIG):
+        assert json.loads((resumed / name).read_text()) == json.loads((reference / name).read_text()), name
+    for name in (rundir.ADAPTER, rundir.HEAD):  # bit for bit
+        a, b = files.load_tensors(resumed / name), files.load_tensors(reference / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((resumed / rundir.RANK_PATTERN).read_text()) == \
+           rankplan.read_plan(plans("schedule") / "plan.json").ranks
