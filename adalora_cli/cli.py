@@ -159,6 +159,37 @@ def train(
         typer.echo(result.summary)
 
 
+PLAN = "Rank plan"
+
+
+@app.command(cls=PlainHelp)
+@user_errors
+@with_field_options((RunConfig, *_settings_classes()), where=lambda cls, f: f.name != "rank_plan")
+def plan(
+    out: Annotated[Path, typer.Option(help="The plan to write (JSON); its heat map goes beside it as .png.",
+                                      rich_help_panel=PLAN)],
+    plan_fraction: Annotated[Optional[float], typer.Option(
+        help="Length of the AdaLoRA pass as a share of the optimizer steps these options describe.  [default: 0.1]",
+        show_default=False, rich_help_panel=PLAN)] = None,
+    plan_steps: Annotated[Optional[int], typer.Option(help="Length of the pass in optimizer steps, instead.",
+                                                      rich_help_panel=PLAN)] = None,
+    plan_mode: Annotated[str, typer.Option(help="schedule (AdaLoRA's cubic schedule compressed into the pass) or "
+                                           "scores (one allocation at its end, from importance over the pass).",
+                                           rich_help_panel=PLAN)] = "schedule",
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; options override it.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. adalora.init_r=12 (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out (and a non-empty --output-dir).")] = False,
+    **options,
+) -> None:
+    """Choose each adapted matrix's rank with a short AdaLoRA pass (the options of `train`; --output-dir keeps the
+    pass's run folder), for `adalora train --method lora --rank-plan PLAN`."""
+    from adalora_cli.config import make_config
+    from adalora_cli.rankplan import make_plan, summary
+
+    made = make_plan(make_config(config, set_, options), out, plan_fraction, plan_steps, plan_mode, overwrite)
+    typer.echo(summary(made, out))
+
+
 COLUMNS = "Columns of the file, where they differ from the run's"
 column_options = with_field_options(_settings_classes(), where=lambda cls, f: f.metadata.get("column"), panel=COLUMNS,
                                     shown="the run's")  # the options of `eval --input` and `predict`

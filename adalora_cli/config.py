@@ -53,6 +53,9 @@ class RunConfig:
     budget: int | None = field(default=None, metadata={  # adapter parameters at the end of training, head excluded
         "help": "Adapter parameters at the end: 300000, 300k, 0.3M.", "shown": "none (each method's own default ranks)",
         "option_type": str})  # read as text, parsed by from_dict
+    rank_plan: str | None = field(default=None, metadata={
+        "help": "A rank plan (`adalora plan --out PLAN.json`, or a finished run folder): with --method lora, train "
+                "each matrix at the plan's rank; the plan's budget is the run's unless --budget is given."})
     data_dir: str | None = field(default=None, metadata={"help": "Local data folder (GLUE TSVs, SQuAD JSON).",
                                                          "panel": DATA, "shown": "none: the hub"})
     train_file: str | None = field(default=None, metadata={"help": "Training file (.csv .tsv .json .jsonl; GLUE TSV, "
@@ -132,12 +135,15 @@ class RunConfig:
                 section[key] = value
 
     def validate(self) -> None:
-        from adalora_cli.methods import available_methods
+        from adalora_cli.methods import available_methods, get_method
         from adalora_cli.tasks import get_task
 
         if not self.task:
             raise UserError("no task given; pass --task (e.g. --task sst2) or set `task:` in the config file")
         get_task(self.task)
+        if self.rank_plan is not None and not get_method(self.method).takes_rank_plan:
+            raise UserError(f"--rank-plan gives the ranks of plain LoRA training; use --method lora (not "
+                            f"{self.method}), or drop --rank-plan")
         for section in self.task_args:
             self.task_config(section)
         for section in self.method_args:

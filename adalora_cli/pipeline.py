@@ -103,13 +103,15 @@ class TrainResult:
     summary: str
 
 
-def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> TrainResult | None:
+def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
+              evaluation: bool = True) -> TrainResult | None:
     """Train, save the run directory, evaluate; returns the metrics written to metrics.json and the summary.
 
     With `resume`, continue the run in `cfg.output_dir` from its last complete checkpoint (same settings).
     Under several processes (torchrun), every process trains and evaluates its shard of the evaluation rows;
     only the main one writes the run directory; the others return None. SIGTERM or Ctrl-C stops training after
-    a checkpoint (`errors.Interrupted`).
+    a checkpoint (`errors.Interrupted`). Without `evaluation` (the pass of `adalora plan`), the run folder is written
+    but nothing is evaluated: metrics.json has no scores.
     """
     quiet_datasets()
     method, method_cfg, precision = _checked_settings(cfg, overwrite, resume)
@@ -152,10 +154,11 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> 
                                 precision)
         runtime = _train(trainer, resume_from, out, method, precision)
         if not main:  # its shard of the evaluation in _finish_run, while the main process writes the run folder
-            evaluate(built.model, built.tokenizer, task, evals, cfg, precision)
+            if evaluation:
+                evaluate(built.model, built.tokenizer, task, evals, cfg, precision)
             return None
         return _finish_run(cfg, task, evals, method, built, trainer, runtime, precision, resume_from is not None,
-                           train_cut)
+                           train_cut, evaluation)
     finally:
         lock.release()
 
@@ -181,6 +184,11 @@ def _checked_settings(cfg: RunConfig, overwrite: bool, resume: bool):
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     if Path(cfg.model).expanduser().is_dir():  # a local model folder, likewise
         cfg.model = str(Path(cfg.model).expanduser().resolve())
+    if cfg.rank_plan is not None:  # likewise; and a missing or damaged plan fails before any work
+        from adalora_cli.rankplan import read_plan
+
+        read_plan(cfg.rank_plan)
+        cfg.rank_plan = str(Path(cfg.rank_plan).resolve())
     method, method_cfg = get_method(cfg.method), cfg.method_config()
     distributed.check_deepspeed(cfg.trainer, method)
     tracking.check_installed(cfg.report_to)
@@ -209,7 +217,7 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     if method.adapter:
         skeleton = models.skeleton(hf_config, task.auto_model)
         targets = find_targets(skeleton, hf_config.model_type, method_cfg.target_modules)
-        plan = method.plan(targets, cfg.budget, method_cfg)
+        plan = _rank_plan(cfg, targets, method, method_cfg)
         logger.info("method %s: %d target matrices, plan: %s", method.name, len(targets),
                     ", ".join(f"{key} {value}" for key, value in plan.notes.items()))
     elif cfg.budget is not None:
@@ -220,6 +228,19 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
     trainable, total = mark_trainable(model, method, head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return BuiltModel(task, model, tokenizer, head, layers, targets, plan)
+
+
+def _rank_plan(cfg: RunConfig, targets: list, method, method_cfg):
+    """The method's own plan, or with --rank-plan the plan file's ranks (whose budget becomes the run's when no
+    --budget was given, so that config.yaml and metrics.json record it)."""
+    if cfg.rank_plan is None:
+        return method.plan(targets, cfg.budget, method_cfg)
+    from adalora_cli.rankplan import plan_for_targets, read_plan
+
+    plan_file = read_plan(cfg.rank_plan)
+    if cfg.budget is None:
+        cfg.budget = plan_file.budget
+    return plan_for_targets(plan_file, targets, cfg.budget)
 
 
 def _lock_on_main(lock: files.RunLock, main: bool, device) -> None:
@@ -336,7 +357,8 @@ def _last_checkpoint_note(trainer, out: rundir.RunDir, needs_allocator: bool) ->
 
 
 def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built: BuiltModel, trainer, runtime: float,
-                precision: devices.Precision, resumed: bool, train_cut: dict[str, int]) -> TrainResult:
+                precision: devices.Precision, resumed: bool, train_cut: dict[str, int],
+                evaluation: bool = True) -> TrainResult:
     """Write the run directory (adapter, head, tokenizer, logs), evaluate, write metrics.json and the pictures.
     `train_cut` counts the training rows whose inputs / targets were cut to fit (`rundata.features_for`)."""
     out = rundir.RunDir(cfg.output_dir)
@@ -354,7 +376,6 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
     if cfg.budget is not None and method.adapter and adapter_params > cfg.budget:
         raise RuntimeError(f"adapter holds {adapter_params} parameters, over the budget {cfg.budget}")
 
-    logger.info("evaluating on %s", ", ".join(e.name for e in evals))
     metrics = {
         "task": task.name,
         "method": method.name,
@@ -369,8 +390,10 @@ def _finish_run(cfg: RunConfig, task: Task, evals: list[EvalSet], method, built:
     }
     if cfg.keep_best:
         metrics["best"] = _best(cfg, task, trainer)
-    metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg, precision)
-    metrics["truncated"] = {"train": train_cut, **{e.name: e.truncated for e in evals}}
+    if evaluation:
+        logger.info("evaluating on %s", ", ".join(e.name for e in evals))
+    metrics["eval"] = evaluate(model, built.tokenizer, task, evals, cfg, precision) if evaluation else {}
+    metrics["truncated"] = {"train": train_cut, **({e.name: e.truncated for e in evals} if evaluation else {})}
     metrics.update(task.record(model, built.tokenizer))
     out.write_json(out.METRICS, metrics)
     pictures = _draw(out, allocation is not None, cfg.report_to, trainer)

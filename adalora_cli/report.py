@@ -50,23 +50,32 @@ def read_allocation(run: Path | RunDir) -> Allocation:
     saved = run.adapter
     if not saved.modules:
         raise UserError(f"{run} is a {saved.method} run with no adapted matrices, so it has no rank allocation")
-    ranks, kinds = {}, []
-    for name, info in saved.modules.items():
-        try:
-            key, rank = (int(info["layer"]), str(info["kind"])), int(info["rank"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{run / run.ADAPTER_CONFIG} has no layer, kind or rank for {name}; "
-                            "the run folder is damaged, re-run training") from None
-        ranks[key] = ranks.get(key, 0) + rank
-        if key[1] not in kinds:
-            kinds.append(key[1])
-    kinds = [k for k in MATRIX_KINDS if k in kinds] + [k for k in kinds if k not in MATRIX_KINDS]
     metrics = run.metrics
     params = metrics.get("adapter_params")
     if params is None:
         params = _stored_params(run)
-    return Allocation(saved.method, kinds, sorted({layer for layer, _ in ranks}), ranks, int(params),
-                      metrics.get("nonzero_adapter_params"), run.config.budget, run.rank_history, metrics.get("steps"))
+    return allocation_of(saved.method, saved.modules, int(params), run.config.budget,
+                         f"{run / run.ADAPTER_CONFIG}: the run folder is damaged, re-run training",
+                         nonzero_params=metrics.get("nonzero_adapter_params"), history=run.rank_history,
+                         steps=metrics.get("steps"))
+
+
+def allocation_of(method: str, modules: dict[str, dict], adapter_params: int, budget: int | None, damaged: str,
+                  **extra) -> Allocation:
+    """An Allocation from per-module records ({name: {"layer", "kind", "rank", ...}}: a run's adapter_config.json
+    modules, or a rank plan's targets); `damaged` is the error's text where a record lacks one of them."""
+    ranks, kinds = {}, []
+    for name, info in modules.items():
+        try:
+            key, rank = (int(info["layer"]), str(info["kind"])), int(info["rank"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"no layer, kind or rank for {name} in {damaged}") from None
+        ranks[key] = ranks.get(key, 0) + rank
+        if key[1] not in kinds:
+            kinds.append(key[1])
+    kinds = [k for k in MATRIX_KINDS if k in kinds] + [k for k in kinds if k not in MATRIX_KINDS]
+    return Allocation(method, kinds, sorted({layer for layer, _ in ranks}), ranks, adapter_params,
+                      extra.pop("nonzero_params", None), budget, **extra)
 
 
 def _stored_params(run: RunDir) -> int:

@@ -214,6 +214,8 @@ class Method:
         any_rank: the trained adapter can be used truncated to any rank (its layers have `set_rank`).
         max_zero_stage: the highest DeepSpeed ZeRO stage the method trains correctly under; 0 for allocators
             that read every gradient or edit weights in place (see `distributed.check_deepspeed`).
+        takes_rank_plan: the method trains fixed per-target ranks given from outside (`--rank-plan`, see
+            `rankplan.py`) in place of its own `plan`; rank 0 leaves a target unadapted.
     """
 
     name: str
@@ -229,3 +231,4 @@ class Method:
     adapter: bool = True
     any_rank: bool = False
     max_zero_stage: int = 2
+    takes_rank_plan: bool = False

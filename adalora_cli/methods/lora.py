@@ -67,5 +67,6 @@ register_method(
         plan=plan_uniform,
         make_layer=make_layer,
         initial_scaling=lambda rank, cfg: cfg.alpha / rank,
+        takes_rank_plan=True,  # `--rank-plan`: per-target ranks from `adalora plan`
     )
 )
