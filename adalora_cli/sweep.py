@@ -162,7 +162,7 @@ def commands(sweep: Sweep, cell: Cell, how: str) -> list[list[str]]:
     train += ["--rank-plan", str(plan_file), how]
     if how == "--resume" and plan_file.is_file():
         return [train]
-    return [["plan", *shared, *sweep.plan_arguments, "--out", str(plan_file)], train]
+    return [["plan", *shared, *sweep.plan_arguments, "--out", str(plan_file), "--overwrite"], train]
 
 
 def identity(sweep: Sweep, cell: Cell) -> list[list[str]]:

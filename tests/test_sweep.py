@@ -86,7 +86,7 @@ def test_plan_lora_plans_then_trains_lora_with_the_plan_and_a_second_sweep_runs_
              and "4k" in argv and ("--rank-plan" in argv or argv[0] == "plan")]
     assert [argv[0] for argv in calls] == ["plan", "train"]
     plan, train = calls
-    assert plan[-2:] == ["--out", plan_file] and "--plan-fraction" in plan and "--method" not in plan
+    assert plan[-3:] == ["--out", plan_file, "--overwrite"] and "--plan-fraction" in plan and "--method" not in plan
     assert train[train.index("--method") + 1] == "lora" and train[train.index("--rank-plan") + 1] == plan_file
     assert train[-1] == "--overwrite" and train[train.index("--output-dir") + 1] == str(sweep.out / cell.name)
     for argv in (plan, train):  # the user's options reach both commands
@@ -199,12 +199,14 @@ def run(command):
 def test_real_tiny_sweep_writes_its_outputs_skips_finished_runs_and_reruns_a_changed_one(tmp_path, glue_dir,
                                                                                          tiny_bert_dir):
     out = tmp_path / "sweep"
-    grid = ["--methods", "lora", "adalora", "--budgets", "4k", "8k", "--seeds", "0", "--workers", "2"]
+    grid = ["--methods", "lora", "adalora", "plan+lora", "--budgets", "4k", "8k", "--seeds", "0", "--workers", "2",
+            "--plan-steps", "2"]
     proc = run(sweep_command(out, tiny_bert_dir, glue_dir, *grid, "--max-steps", "2"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cells = json.loads((out / "sweep.json").read_text())["cells"]
     assert sorted((c["method"], c["budget"]) for c in cells) == [("adalora", "4k"), ("adalora", "8k"),
-                                                                  ("lora", "4k"), ("lora", "8k")]
+                                                                  ("lora", "4k"), ("lora", "8k"),
+                                                                  ("plan+lora", "4k"), ("plan+lora", "8k")]
     for c in cells:
         assert c["status"] == "finished" and c["ran"] == "trained" and 0 < c["params"] <= c["budget_params"]
         assert 0 <= c["score"] <= 100 and c["score"] == pytest.approx(100 * c["metrics"]["accuracy"], abs=1e-3)
@@ -217,12 +219,16 @@ def test_real_tiny_sweep_writes_its_outputs_skips_finished_runs_and_reruns_a_cha
 
     picture = imread(out / "sweep.png")
     assert picture.shape[0] > 300 and picture.shape[1] > 500
-    assert proc.stdout.count(" left") == 4 and "0 left" in proc.stdout
+    assert proc.stdout.count(" left") == 6 and "0 left" in proc.stdout
+    for budget in ("4k", "8k"):  # plan+lora: plain LoRA with exactly the ranks of the cell's plan
+        planned = json.loads((out / "plans" / f"sst2-plan+lora-{budget}-s0.json").read_text())
+        trained = json.loads((out / f"sst2-plan+lora-{budget}-s0" / "rank_pattern.json").read_text())
+        assert trained == {t["name"]: t["rank"] for t in planned["targets"] if t["rank"]}
 
     metrics = {c["folder"]: Path(c["folder"], "metrics.json").stat().st_mtime_ns for c in cells}
     proc = run(sweep_command(out, tiny_bert_dir, glue_dir, *grid, "--max-steps", "2"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 of 4 cells finished before: skipped" in proc.stdout and " left" not in proc.stdout
+    assert "6 of 6 cells finished before: skipped" in proc.stdout and " left" not in proc.stdout
     assert {f: Path(f, "metrics.json").stat().st_mtime_ns for f in metrics} == metrics
     again = json.loads((out / "sweep.json").read_text())["cells"]
     assert [c["score"] for c in again] == [c["score"] for c in cells] and {c["ran"] for c in again} == {"skipped"}
