@@ -8,12 +8,11 @@ until its top components stop moving (cosine similarity between consecutive esti
     h = W0 x + scale * B A x,                                                  training as plain LoRA.
 
 Ranks come from pooling every matrix's components (at most rho x the uniform rank each) sorted by explained
-variance ratio and keeping the best that fit. peft budgets in components (n_targets * r); we budget in
+variance ratio and keeping the best that fit (ties broken as peft's sort breaks them). peft budgets in components (n_targets * r); we budget in
 *parameters*: a component of target t costs d_in + d_out, and we keep components in that order while they fit
 (a component that does not fit is passed over; a cheaper one further down may still fit). When every target
 costs the same c and the budget is n * r * c, this keeps exactly peft's n * r components, so the ranks are
-peft's (tests/test_eva.py). Ties between targets fed the same input (BERT's q, k, v share one PCA, as in peft)
-go to the earlier module, which is what peft's sort gives.
+peft's (tests/test_eva.py). Targets fed the same input (BERT's q, k, v) share one PCA, as in peft.
 
 The numerics follow peft's `IncrementalPCA` (sklearn's algorithm, Ross et al. 2008): mean and variance in
 float64, the first batch's SVD in float32, later ones in float64 (the mean-correction row), a randomized SVD
@@ -206,7 +205,7 @@ def collect_components(model: nn.Module, targets: list[Target], batches: Iterato
                        max_ranks: dict[str, int], distribute, cfg: EvaConfig) -> tuple[dict[str, _Group], dict, int]:
     """Run batches through the model until every target's components up to its current rank have converged.
 
-    `distribute(ratios by target) -> ranks` is called after every batch (as peft does: the ranks needed decide
+    `distribute(ratios by target, groups of identical inputs) -> ranks` is called after every batch (as peft does: the ranks needed decide
     which components must converge). Returns each target's group, the final ranks and the batches used.
     """
     state = _Pass(cfg.tau)
@@ -228,7 +227,7 @@ def collect_components(model: nn.Module, targets: list[Target], batches: Iterato
                     _start_groups(state, max_ranks)
                 if all(g.pca.fitted() for g in state.groups):
                     ranks = distribute({name: state.group_of[name].pca.explained_variance_ratio
-                                        for name in max_ranks})
+                                        for name in max_ranks}, [g.members for g in state.groups])
     finally:
         for handle in handles:
             handle.remove()
@@ -275,24 +274,35 @@ def max_ranks_for(targets: list[Target], rank: int, rho: float) -> dict[str, int
 
 
 def distribute_ranks(targets: list[Target], ratios: dict[str, torch.Tensor], max_ranks: dict[str, int],
-                     budget: int | None, components: int) -> dict[str, int]:
-    """Ranks from components pooled over targets, highest explained variance ratio first, ties to the earlier
-    target. With a parameter budget: keep each while its d_in + d_out still fits; without: the first
-    `components` (peft's n_targets * r)."""
-    pool = [(float(ratio), index, t) for index, t in enumerate(targets)
-            for ratio in ratios[t.name][:max_ranks[t.name]].tolist()]
-    pool.sort(key=lambda item: (-item[0], item[1]))
+                     budget: int | None, components: int, groups: list[list[str]] | None = None) -> dict[str, int]:
+    """Ranks from components pooled over targets, highest explained variance ratio first. With a parameter
+    budget: keep each while its d_in + d_out still fits; without: the first `components` (peft's n_targets * r).
+
+    Targets with identical inputs (`groups`, the first of each the one whose PCA serves the group) have exactly
+    equal ratios. Those ties are broken as peft breaks them, so that the ranks are peft's: the pool is laid out
+    as peft lays it out (the first of every group in module order, then the others group by group) and ordered
+    by `torch.argsort(descending=True)`, which is not stable; then the first of a group gets the largest rank
+    of its group (peft swaps ranks; we swap only between targets of equal cost, which leaves the budget as is).
+    """
+    groups = groups or [[t.name] for t in targets]
+    layout = [g[0] for g in groups] + [name for g in groups for name in g[1:]]
+    cost = {t.name: t.d_in + t.d_out for t in targets}
+    pieces = [ratios[name][:max_ranks[name]] for name in layout]
+    owners = [name for name, piece in zip(layout, pieces) for _ in range(len(piece))]
+    order = torch.argsort(torch.cat(pieces), descending=True).tolist()
     ranks = {t.name: 0 for t in targets}
-    if budget is None:
-        for _, _, t in pool[:components]:
-            ranks[t.name] += 1
-        return ranks
     left = budget
-    for _, _, t in pool:
-        cost = t.d_in + t.d_out
-        if cost <= left:
-            ranks[t.name] += 1
-            left -= cost
+    for index in order if budget is not None else order[:components]:
+        name = owners[index]
+        if left is not None:
+            if cost[name] > left:
+                continue
+            left -= cost[name]
+        ranks[name] += 1
+    for first, *others in groups:
+        for name in others:
+            if ranks[name] > ranks[first] and cost[name] == cost[first]:
+                ranks[first], ranks[name] = ranks[name], ranks[first]
     return ranks
 
 
@@ -310,8 +320,8 @@ def from_data(model: nn.Module, targets: list[Target], batches: Iterator[dict[st
     rank = uniform_rank(targets, budget, cfg)
     max_ranks = max_ranks_for(targets, rank, cfg.rho)
 
-    def distribute(ratios):
-        return distribute_ranks(targets, ratios, max_ranks, budget, rank * len(targets))
+    def distribute(ratios, groups):
+        return distribute_ranks(targets, ratios, max_ranks, budget, rank * len(targets), groups)
 
     group_of, ranks, used = collect_components(model, targets, batches, max_ranks, distribute, cfg)
     initial, scalings = {}, {}
