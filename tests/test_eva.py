@@ -172,7 +172,7 @@ def train_args(model, glue_dir, out, *extra):
 def test_minilm_run_trains_evaluates_and_exports_for_peft(minilm_path, glue_dir, tmp_path):
     """A short real run on MiniLM and SST-2: ranks from the data within the budget, A as the data pass gave it
     (B starts at zero, so training moved A only by a few steps), and a PEFT export with our logits."""
-    from test_export import check_peft_round_trip
+    from test_export import TEXTS, export_cli, our_logits, peft_model, peft_ranks
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, train_args("minilm-l6", glue_dir, out, "--budget", "50k", *ON_CPU))
@@ -185,7 +185,14 @@ def test_minilm_run_trains_evaluates_and_exports_for_peft(minilm_path, glue_dir,
     saved = rundir.RunDir(out).adapter
     uniform = 50_000 // sum(info["d_in"] + info["d_out"] for info in saved.modules.values())
     assert {info["scaling"] for info in saved.modules.values() if info["rank"]} == {16.0 / uniform}
-    check_peft_round_trip(out, tmp_path / "peft")
+    exported = export_cli(out, "peft", tmp_path / "peft", "--base-model", minilm_path)  # offline: a local copy
+    assert exported.exit_code == 0, exported.stderr
+    theirs = peft_model(out, tmp_path / "peft")
+    assert peft_ranks(theirs) == {name: r for name, r in pattern.items() if r > 0}
+    tokenizer = rundir.load_run(out)[3]
+    with torch.no_grad():
+        logits = theirs(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(logits, our_logits(out), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("setting, fragment", [
