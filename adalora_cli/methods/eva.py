@@ -221,7 +221,7 @@ def collect_components(model: nn.Module, targets: list[Target], batches: Iterato
                     break
                 state.mask = token_mask(batch, cfg.label_mask)
                 state.fitting = {id(g) for g in state.groups if not _group_done(g, ranks)}
-                model(**{key: value for key, value in batch.items() if key != "labels"})
+                model(**batch)  # labels too: an encoder-decoder model builds its decoder's inputs from them
                 used += 1
                 if used == 1:
                     _start_groups(state, max_ranks)
