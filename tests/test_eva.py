@@ -113,6 +113,33 @@ def test_with_mixed_shapes_the_parameter_budget_decides(minilm_path):
         {name: r for name, r in init.plan.ranks.items() if r > 0}
 
 
+def test_whitening_differs_from_peft_only_where_peft_divides_shared_components_again(minilm_path):
+    """The documented difference under whiten=True: peft divides the components of a shared PCA in place, once for
+    every target of the group (q, k, v) holding that row, and its A of those targets are views of them. Ours divides
+    a copy once: where a PCA serves one target (the attention output) A is peft's; for q, k, v peft's row j is ours
+    divided by sqrt(s_j) once more for every further target of the group at rank > j."""
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+    from peft.tuners.lora import LoraLayer
+
+    data = batches(minilm_path)
+    config = LoraConfig(r=2, lora_alpha=8, target_modules=PEFT_SQUARE, init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=4.0, tau=0.95, whiten=True))
+    model = get_peft_model(tiny_model("bert"), config)
+    initialize_lora_eva_weights(model, dataloader=data, show_progress_bar=False)
+    theirs = {name.removeprefix("base_model.model."): module.lora_A["default"].weight.detach()
+              for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    _, plain = ours(data, SQUARE, 8 * 2 * 64, r=2, rho=4.0, tau=0.95)
+    _, white = ours(data, SQUARE, 8 * 2 * 64, r=2, rho=4.0, tau=0.95, whiten=True)
+    ranks = white.plan.ranks
+    assert ranks == plain.plan.ranks and len(set(ranks.values())) > 1
+    for name, tensors in white.initial.items():
+        a = tensors["lora_A"]
+        sqrt_s = plain.initial[name]["lora_A"].norm(dim=1) / a.norm(dim=1)  # unwhitened rows have norm 1
+        group = [n for n in ranks if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]]  # q, k, v: prefix ...self
+        extra = torch.tensor([sum(ranks[n] > j for n in group) - 1 for j in range(a.shape[0])])
+        torch.testing.assert_close(theirs[name], a / sqrt_s.pow(extra).view(-1, 1), atol=1e-6, rtol=1e-4)
+
+
 def test_ranks_keep_the_highest_ratios_that_fit_the_budget():
     """Three targets costing 10, 10 and 30 per component; ratios pooled highest first, a component that no longer
     fits is passed over (the 0.5 of `c`), a cheaper one further down is kept."""
