@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adalora_cli import rundir
+from adalora_cli import files, rundir
 from adalora_cli.budget import Target
 from adalora_cli.cli import app
 from adalora_cli.inject import find_targets
@@ -197,8 +197,8 @@ def train_args(model, glue_dir, out, *extra):
 
 
 def test_minilm_run_trains_evaluates_and_exports_for_peft(minilm_path, glue_dir, tmp_path):
-    """A short real run on MiniLM and SST-2: ranks from the data within the budget, A as the data pass gave it
-    (B starts at zero, so training moved A only by a few steps), and a PEFT export with our logits."""
+    """A short real run on MiniLM and SST-2: ranks from the data within the budget, one scale alpha / uniform
+    rank, and a PEFT export that loads in PeftModel with our ranks and logits."""
     from test_export import TEXTS, export_cli, our_logits, peft_model, peft_ranks
 
     out = tmp_path / "run"
@@ -220,6 +220,25 @@ def test_minilm_run_trains_evaluates_and_exports_for_peft(minilm_path, glue_dir,
     with torch.no_grad():
         logits = theirs(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
     torch.testing.assert_close(logits, our_logits(out), atol=1e-4, rtol=0)
+
+
+def test_the_run_starts_from_the_data_pass(tiny_bert_dir, glue_dir, tmp_path):
+    """At a learning rate of 1e-12 the saved adapter is the initial one up to 4 steps of 1e-12: B zero, and every
+    A of orthonormal rows (principal directions, not LoRA's random A), at the ranks of rank_pattern.json."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, train_args(tiny_bert_dir, glue_dir, out, "--budget", "4k", "--lr", "1e-12",
+                                                "--set", "eva.tau=0.9", *ON_CPU))
+    assert result.exit_code == 0, result.stderr[-3000:]
+    tensors = files.load_tensors(out / rundir.ADAPTER)
+    pattern = json.loads((out / rundir.RANK_PATTERN).read_text())
+    assert len(set(pattern.values())) > 1
+    for name, rank in pattern.items():
+        if rank == 0:
+            assert f"{name}.lora_A" not in tensors
+            continue
+        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        assert a.shape[0] == rank and b.abs().max() < 1e-9
+        torch.testing.assert_close(a @ a.T, torch.eye(rank), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("setting, fragment", [
