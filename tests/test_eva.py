@@ -20,11 +20,12 @@ from conftest import ON_CPU, tiny_model
 SENTENCES = [
     "a gripping, beautifully acted film", "dull and far too long", "it is what it is",
     "the best thing this year, and the funniest", "I wanted to leave after ten minutes",
-    "Фильм скучный, но актёры хороши", "这部电影非常精彩", "an uneven but often moving portrait of grief",
+    "Фильм скучный, но актёры хороши", "这部电影非常精彩",
+    "an uneven but often moving portrait of grief",
     "no", "the plot twists are predictable from the first scene, and the dialogue is worse",
     "charming", "a film that knows exactly what it wants to be and gets there with style and wit",
 ]
-SQUARE = ["attention\\.self\\.query", "attention\\.self\\.key", "attention\\.self\\.value", "attention\\.output\\.dense"]
+SQUARE = [r"attention\.self\.query", r"attention\.self\.key", r"attention\.self\.value", r"attention\.output\.dense"]
 PEFT_SQUARE = ["query", "key", "value", "attention.output.dense"]
 
 

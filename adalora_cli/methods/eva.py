@@ -8,11 +8,12 @@ until its top components stop moving (cosine similarity between consecutive esti
     h = W0 x + scale * B A x,                                                  training as plain LoRA.
 
 Ranks come from pooling every matrix's components (at most rho x the uniform rank each) sorted by explained
-variance ratio and keeping the best that fit (ties broken as peft's sort breaks them). peft budgets in components (n_targets * r); we budget in
-*parameters*: a component of target t costs d_in + d_out, and we keep components in that order while they fit
-(a component that does not fit is passed over; a cheaper one further down may still fit). When every target
-costs the same c and the budget is n * r * c, this keeps exactly peft's n * r components, so the ranks are
-peft's (tests/test_eva.py). Targets fed the same input (BERT's q, k, v) share one PCA, as in peft.
+variance ratio (ties broken as peft's sort breaks them) and keeping the best that fit. peft budgets in
+components (n_targets * r); we budget in *parameters*: a component of target t costs d_in + d_out, and we keep
+components in that order while they fit (a component that does not fit is passed over; a cheaper one further
+down may still fit). When every target costs the same c and the budget is n * r * c, this keeps exactly peft's
+n * r components, so the ranks are peft's (tests/test_eva.py). Targets fed the same input (BERT's q, k, v) share
+one PCA, as in peft. Differences from peft: docs/methods.md, "EVA".
 
 The numerics follow peft's `IncrementalPCA` (sklearn's algorithm, Ross et al. 2008): mean and variance in
 float64, the first batch's SVD in float32, later ones in float64 (the mean-correction row), a randomized SVD
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -205,8 +206,9 @@ def collect_components(model: nn.Module, targets: list[Target], batches: Iterato
                        max_ranks: dict[str, int], distribute, cfg: EvaConfig) -> tuple[dict[str, _Group], dict, int]:
     """Run batches through the model until every target's components up to its current rank have converged.
 
-    `distribute(ratios by target, groups of identical inputs) -> ranks` is called after every batch (as peft does: the ranks needed decide
-    which components must converge). Returns each target's group, the final ranks and the batches used.
+    `distribute(ratios by target, groups of identical inputs) -> ranks` is called after every batch (as peft
+    does: the ranks needed decide which components must converge). Returns each target's group, the final ranks
+    and the number of batches used.
     """
     state = _Pass(cfg.tau)
     handles = [model.get_submodule(t.name).register_forward_hook(_hook(state, t.name))
