@@ -51,7 +51,7 @@ def greedy(model, tokenizer, causal: bool):
                               pad_token_id=tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("method", ["adalora", "lora", "dylora"])
+@pytest.mark.parametrize("method", ["adalora", "lora", "dylora", "eva"])
 @pytest.mark.parametrize("arch", ["bart", "t5", "gpt2"])
 def test_train_eval_predict_and_export(runs, question_generation, tmp_path, arch, method):
     from peft import PeftModel
