@@ -139,6 +139,8 @@ def run_train(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     _resolve_task_settings(cfg, task, built.tokenizer)
     train_features, train_cut = features_for(task, train_raw, built.tokenizer, max_length(cfg, task, built.tokenizer),
                                              True, "training data")
+    if method.from_data is not None:
+        _initialise_from_data(built, cfg, method, method_cfg, train_features, args.device)
 
     _lock_on_main(lock, main, args.device)
     try:
@@ -224,10 +226,47 @@ def _build_model(cfg: RunConfig, task: Task, method, method_cfg) -> BuiltModel:
         logger.warning("--budget does not apply to full fine-tuning, which trains every weight; ignoring it")
     set_seed(cfg.seed)
     model, head = models.load_model(cfg.model, hf_config, task.auto_model, cfg.trust_remote_code)
-    layers = inject_adapters(model, method, method_cfg, plan) if method.adapter else {}
-    trainable, total = mark_trainable(model, method, head)
+    built = BuiltModel(task, model, tokenizer, head, {}, targets, plan)
+    if method.from_data is None:  # otherwise the adapters wait for the data pass (`_initialise_from_data`)
+        _adapt(built, method, method_cfg, plan)
+    return built
+
+
+def _adapt(built: BuiltModel, method, method_cfg, plan, scalings: dict[str, float] | None = None) -> None:
+    """Inject the method's adapters with `plan` into the built model and freeze what does not train."""
+    built.plan = plan
+    built.layers = inject_adapters(built.model, method, method_cfg, plan, scalings) if method.adapter else {}
+    trainable, total = mark_trainable(built.model, method, built.head)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return BuiltModel(task, model, tokenizer, head, layers, targets, plan)
+
+
+def _initialise_from_data(built: BuiltModel, cfg: RunConfig, method, method_cfg, train_features, device) -> None:
+    """A data-driven method's ranks and initial adapter (`Method.from_data`), from training batches in a seeded
+    order (not the Trainer's sampler: the same batches on every process and on --resume); then the adapters.
+    The main process's result is used everywhere, so that every process holds the same ranks."""
+    built.model.to(device)
+    batches = _seeded_batches(built, cfg, train_features, device)
+    init = distributed.broadcast_object(method.from_data(built.model, built.targets, batches, cfg.budget, method_cfg))
+    logger.info("method %s: ranks from the data: %s", method.name,
+                ", ".join(f"{key} {value}" for key, value in init.plan.notes.items()))
+    _adapt(built, method, method_cfg, init.plan, init.scalings)
+    with torch.no_grad():
+        for name, tensors in init.initial.items():
+            for key, value in tensors.items():
+                getattr(built.layers[name], key).copy_(value)
+
+
+def _seeded_batches(built: BuiltModel, cfg: RunConfig, features, device):
+    """Training batches of `cfg.batch_size` in an order drawn from `cfg.seed`, endlessly (epoch after epoch)."""
+    columns = [c for c in features.column_names if c in built.tokenizer.model_input_names or c == "labels"]
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    collate = built.task.collator(built.tokenizer)
+    while True:
+        for start in range(0, len(order), cfg.batch_size):
+            rows = features[order[start:start + cfg.batch_size]]
+            count = len(rows[columns[0]])
+            batch = collate([{c: rows[c][i] for c in columns} for i in range(count)])
+            yield {key: value.to(device) for key, value in batch.items()}
 
 
 def _rank_plan(cfg: RunConfig, targets: list, method, method_cfg):

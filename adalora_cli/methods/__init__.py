@@ -7,6 +7,6 @@ Each method file registers itself with `methods.registry` when imported; this pa
 from __future__ import annotations
 
 from adalora_cli.methods.registry import available_methods, get_method, register_method
-from adalora_cli.methods import adalora, dylora, full, lora, prilora  # noqa: F401  (each registers itself)
+from adalora_cli.methods import adalora, dylora, eva, full, lora, prilora  # noqa: F401  (each registers itself)
 
 __all__ = ["available_methods", "get_method", "register_method"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,17 @@ class RankPlan:
     budget: int | None  # adapter parameters allowed at the end of training; None when no budget was given
     allocator_budget: int | None = None  # the allocator's final budget in its own unit (AdaLoRA: params or triplets)
     notes: dict[str, Any] = field(default_factory=dict)  # plan details worth logging (e.g. init_r, target_r)
+
+
+@dataclass(frozen=True)
+class DataInit:
+    """What a data-driven method (`Method.from_data`) returns: the rank plan, the initial value of adapter tensors
+    by target (`{"...query": {"lora_A": tensor}}`, each shaped as the layer's parameter of that name; tensors not
+    named keep the layer's own initialisation) and the scale of every target."""
+
+    plan: RankPlan
+    initial: dict[str, dict[str, torch.Tensor]]
+    scalings: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,13 @@ class Method:
             that read every gradient or edit weights in place (see `distributed.check_deepspeed`).
         takes_rank_plan: the method trains fixed per-target ranks given from outside (`--rank-plan`, see
             `rankplan.py`) in place of its own `plan`; rank 0 leaves a target unadapted.
+        from_data: for methods whose ranks and initial adapter come from the data (EVA):
+            (base model, targets, batches, budget, config) -> DataInit. The pipeline calls it after loading the
+            pretrained model, before injecting adapters, with an endless iterator over training batches (collated
+            by the task's collator, on the run's device, in a seeded order that is the same on every process and
+            on every --resume; taking a few of them is the method's business), and then injects the adapters
+            with the ranks, scales and tensors it returned. `plan` still runs first, before any model is loaded,
+            to refuse a budget that cannot work. The pass must be deterministic: `--resume` runs it again.
     """
 
     name: str
@@ -232,3 +250,5 @@ class Method:
     any_rank: bool = False
     max_zero_stage: int = 2
     takes_rank_plan: bool = False
+    from_data: Callable[[nn.Module, list[Target], Iterator[dict[str, torch.Tensor]], int | None, Any],
+                        DataInit] | None = None
