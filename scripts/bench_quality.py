@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TASKS = ["sst2", "mrpc", "stsb", "rte", "cola"]
-METHODS = ["lora", "adalora", "prilora", "dylora", "peft-adalora"]
+METHODS = ["lora", "adalora", "plan+lora", "eva", "prilora", "dylora", "peft-adalora"]
 NOTES = "\n## Notes"  # where the generated part of BENCHMARKS.md ends and the hand-written notes begin
 
 

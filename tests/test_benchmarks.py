@@ -52,3 +52,26 @@ def test_bench_eval_processes_tiny(glue_dir, tiny_bert_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["equal"] and set(result["one"]) == {"accuracy"} and result["processes_s"] > 0
     assert "metrics equal" in proc.stdout
+
+
+def test_plan_agreement_compares_two_plans(tmp_path):
+    """scripts/plan_agreement.py: rank correlations against scipy on two hand-made plans, the shares by kind."""
+    from scipy.stats import spearmanr
+
+    from adalora_cli import files
+    from adalora_cli.rankplan import PlannedTarget, RankPlanFile
+
+    def plan(ranks, name):
+        targets = [PlannedTarget(f"layer.{i // 2}.{kind}", 8, 8, i // 2, kind, r)
+                   for i, (kind, r) in enumerate(zip(["Wq", "Wv"] * 3, ranks))]
+        path = tmp_path / f"{name}.json"
+        files.write_json(path, RankPlanFile(str(path), "tiny", "bert", 96, targets, {}).to_json())
+        return path, ranks
+
+    (a, ra), (b, rb) = plan([1, 0, 2, 3, 1, 2], "a"), plan([2, 0, 1, 3, 0, 3], "b")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plan_agreement.py"), str(a), str(b)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 matrices; total rank 9 vs 9; at rank 0: 1 vs 2" in proc.stdout
+    assert f"Spearman {spearmanr(ra, rb).statistic:.3f}" in proc.stdout
+    assert "Wq 44% vs 33%, Wv 56% vs 67%" in proc.stdout  # Wq: 4 of 9 against 3 of 9
