@@ -196,7 +196,8 @@ def plot_plan(plan: RankPlanFile, path: Path) -> Path:
     mode = plan.made_by.get("mode")
     alloc = allocation_of(f"plan{', ' + mode if mode else ''}", modules, plan.params, plan.budget, plan.source)
     budget = f" of {format_count(plan.budget)}" if plan.budget else ""
-    title = f"{Path(path).stem}: rank plan for {Path(plan.model).name}, {format_count(plan.params)} LoRA parameters" \
+    # two short lines: the heat map of a 6-layer model is narrow, and one long title was cut off at both sides
+    title = f"{Path(path).stem}\nrank plan for {Path(plan.model).name}: {format_count(plan.params)} LoRA parameters" \
             f"{budget}"
     return plot_allocation(alloc, path, title)
 
