@@ -394,9 +394,9 @@ def markdown(results: list[dict], tasks: list[str], methods: list[str], budgets:
     failed = [r for r in results if r["status"] == "failed"]
     lines = ["# Sweep: quality against adapter parameters", "",
              f"{len(results)} runs ({len(failed)} failed), seeds {', '.join(map(str, seeds))}"
-             + (f", model {', '.join(models)}" if models else "") + ". Each cell: the task's score, mean +- standard "
-             "deviation over seeds, and in brackets the mean adapter parameters. Picture: `sweep.png`; every run: "
-             "`sweep.json`.", ""]
+             + (f", model {', '.join(models)}" if models else "") + ". Each cell: the task's score (with several "
+             "seeds: mean +- standard deviation over them), and in brackets the mean adapter parameters. Picture: "
+             "`sweep.png`; every run: `sweep.json`.", ""]
     for task in tasks:
         lines += [f"## {task}: {get_task(task).headline_name}", "",
                   "| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
@@ -417,7 +417,8 @@ def _markdown_cell(summary: dict[str, Any] | None) -> str:
         return ""
     if "score" not in summary:
         return "failed"
-    text = f"{summary['score']:.1f} +- {summary['sd']:.1f} ({format_count(round(summary['params']))})"
+    spread = f" +- {summary['sd']:.1f}" if len(summary["scores"]) > 1 else ""  # one seed has no spread to show
+    text = f"{summary['score']:.1f}{spread} ({format_count(round(summary['params']))})"
     if summary["failed"]:
         text += f", {summary['failed']} of {summary['cells']} failed"
     return text

@@ -281,3 +281,14 @@ def test_workers_split_the_cpu_threads():
     assert sweeping.worker_environment(1)["OMP_NUM_THREADS"] == str(cores)
     assert sweeping.worker_environment(cores * 2)["OMP_NUM_THREADS"] == "1"
     assert sweeping.worker_environment(2)["MKL_NUM_THREADS"] == str(max(1, cores // 2))
+
+
+def test_the_table_shows_a_spread_only_over_several_seeds():
+    def cell(seed, score):
+        return {"task": "sst2", "method": "lora", "budget": "4k", "seed": seed, "status": "finished",
+                "score": score, "params": 4000}
+
+    one = sweeping.markdown([cell(0, 80.0)], ["sst2"], ["lora"], ["4k"])
+    two = sweeping.markdown([cell(0, 80.0), cell(1, 82.0)], ["sst2"], ["lora"], ["4k"])
+    assert "| lora | 80.0 (4.0k) |" in one and "+-" not in one.split("## sst2")[1]
+    assert "| lora | 81.0 +- 1.4 (4.0k) |" in two
