@@ -59,8 +59,9 @@ def run_variant(job: dict, args) -> dict:
     if not (out / "metrics.json").is_file():
         adalora("train", *options, *method, "--output-dir", str(out), "--overwrite")
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"{job['task']:6s} seed {job['seed']} {job['variant']:14s}: {score(metrics['eval']):.2f}", flush=True)
-    return {"score": score(metrics["eval"]), "plan_seconds": plan_seconds, "params": metrics["adapter_params"],
+    result = score(job["task"], metrics["eval"])
+    print(f"{job['task']:6s} seed {job['seed']} {job['variant']:14s}: {result:.2f}", flush=True)
+    return {"score": result, "plan_seconds": plan_seconds, "params": metrics["adapter_params"],
             "train_seconds": metrics["train_runtime_s"]}
 
 

@@ -75,3 +75,20 @@ def test_plan_agreement_compares_two_plans(tmp_path):
     assert "6 matrices; total rank 9 vs 9; at rank 0: 1 vs 2" in proc.stdout
     assert f"Spearman {spearmanr(ra, rb).statistic:.3f}" in proc.stdout
     assert "Wq 44% vs 33%, Wv 56% vs 67%" in proc.stdout  # Wq: 4 of 9 against 3 of 9
+
+
+def test_plan_modes_tiny(glue_dir, tiny_bert_dir, tmp_path):
+    """scripts/plan_modes.py end to end at a tiny size: a plan per mode, LoRA with each and uniform LoRA, scored on
+    held-out training rows (it once failed at its first score: bench_quality's `score` had changed signature)."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plan_modes.py"), "--tasks", "sst2", "--model", tiny_bert_dir,
+                           "--data-dir", str(glue_dir), "--budget", "4k", "--steps", "4", "--batch-size", "4",
+                           "--max-seq-length", "32", "--holdout", "16", "--plan-fraction", "0.5", "--baselines", "lora",
+                           "--work-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"plan-schedule", "plan-scores", "lora"} <= set(rows)
+    for mode in ("schedule", "scores"):
+        plan = json.loads((tmp_path / f"sst2-plan-{mode}-s0.plan.json").read_text())
+        assert plan["made_by"]["mode"] == mode and plan["made_by"]["steps"] == 2
+        trained = json.loads((tmp_path / f"sst2-plan-{mode}-s0" / "rank_pattern.json").read_text())
+        assert trained == {t["name"]: t["rank"] for t in plan["targets"] if t["rank"]}
